@@ -1,0 +1,456 @@
+"""The decoder-only transformer of the early-fusion model: one token stream, text and image ids alike.
+
+Blocks: RMSNorm, rotary position embeddings with explicit per-token positions, attention through
+`F.scaled_dot_product_attention` with QK-norm, SwiGLU MLP. Two explicit modes (STYLE.md §6):
+
+- training / scoring: `forward(idx, doc_ids=..., positions=...) -> logits`, then `lm_loss(...)`;
+- cached decoding: `setup_caches(max_batch_size, max_seq_len)`, then `forward_cached(idx, input_pos)`.
+  Prompts can be prefilled once and their cache repeated along the batch (`cache_state`,
+  `load_cache_state`, `expand_cache`) for classifier-free guidance and Bayes-rule scoring.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019): x / rms(x) · weight, computed in float32."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (..., dim) of any float dtype -> same shape and dtype."""
+        # float32 statistics: bf16 squares lose too much precision under autocast
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).type_as(x)
+
+
+def rope_tables(head_dim: int, max_len: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotary angles pos·base^(-2i/head_dim) (Su et al. 2021), each (max_len, head_dim/2)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x[i], x[i + head_dim/2]) of every head by the angles of each token's position.
+
+    x: (B, T, H, head_dim); cos, sin: (B or 1, T, 1, head_dim/2) float32 -> (B, T, H, head_dim), x's dtype.
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.type_as(x)
+
+
+def positions_from_doc_ids(doc_ids: Tensor) -> Tensor:
+    """Positions that restart at 0 where a packed document starts.
+
+    doc_ids: (B, T), equal ids for the tokens of one document, documents contiguous.
+    Returns (B, T) long, e.g. doc_ids [[0,0,0,1,1]] -> [[0,1,2,0,1]].
+    """
+    B, T = doc_ids.shape
+    ar = torch.arange(T, device=doc_ids.device).expand(B, T)
+    start = torch.ones_like(doc_ids, dtype=torch.bool)
+    start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(start, ar, 0).cummax(dim=1).values  # index where each token's document starts
+    return ar - first
+
+
+def packing_mask(doc_ids: Tensor) -> Tensor:
+    """Block-diagonal causal mask for packed sequences: token i sees j iff j <= i and same document.
+
+    doc_ids: (B, T) -> (B, 1, T, T) bool, True = may attend (the `attn_mask` of SDPA).
+    """
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+    return (same_doc & causal)[:, None]
+
+
+class KVCache(nn.Module):
+    """Keys and values of one attention layer for cached decoding, gpt-fast style.
+
+    Buffers (max_batch_size, n_kv_head, max_seq_len, head_dim), not persistent: never in a
+    checkpoint. A call with batch B uses rows [:B]; position p of every row lives at index p.
+    """
+
+    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_head: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | None = None) -> None:
+        super().__init__()
+        shape = (max_batch_size, n_kv_head, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, n_kv_head, T, head_dim) at positions input_pos (T,); return the first
+        kv_len positions of rows [:B]: two (B, n_kv_head, kv_len, head_dim) tensors."""
+        B = k.shape[0]
+        self.k[:B, :, input_pos] = k.to(self.k.dtype)
+        self.v[:B, :, input_pos] = v.to(self.v.dtype)
+        return self.k[:B, :, :kv_len], self.v[:B, :, :kv_len]
+
+
+@dataclass
+class CacheState:
+    """A snapshot of every layer's KV cache: rows [:batch_size], positions [:length].
+
+    keys[i], values[i]: (batch_size, n_kv_head, length, head_dim) for layer i.
+    """
+
+    keys: list[Tensor]
+    values: list[Tensor]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2]
+
+
+class Attention(nn.Module):
+    """Multi-head (optionally grouped-query) causal self-attention with QK-norm and RoPE."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        # one fused projection for q, k, v: one GEMM instead of three
+        self.wqkv = nn.Linear(config.dim, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_head * self.head_dim, config.dim, bias=False)
+        # QK-norm (Chameleon §2.3): RMSNorm over head_dim, one weight shared by the heads
+        self.q_norm: nn.Module = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else nn.Identity()
+        self.k_norm: nn.Module = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else nn.Identity()
+        self.dropout = config.dropout
+        self.resid_drop = nn.Dropout(config.dropout)
+        self.kv_cache: KVCache | None = None
+
+    def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x: (B, T, dim) -> q (B, n_head, T, hd), k and v (B, n_kv_head, T, hd)."""
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
+        q = apply_rope(self.q_norm(q.view(B, T, self.n_head, self.head_dim)), cos, sin)
+        k = apply_rope(self.k_norm(k.view(B, T, self.n_kv_head, self.head_dim)), cos, sin)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+        """q (B, H, Tq, hd), k/v (B, Hkv, Tk, hd) -> (B, Tq, H·hd)."""
+        if self.n_kv_head != self.n_head:  # grouped-query: each kv head serves n_head/n_kv_head queries
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0)
+        B, H, T, hd = y.shape
+        return y.transpose(1, 2).reshape(B, T, H * hd)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+        """Training / scoring: x (B, T, dim) -> (B, T, dim).
+
+        mask: (B, 1, T, T) bool packing mask (True = may attend), or None for a plain causal
+        row, which takes SDPA's is_causal fast path.
+        """
+        q, k, v = self._qkv(x, cos, sin)
+        y = self._attend(q, k, v, mask, is_causal=mask is None)
+        return self.resid_drop(self.wo(y))
+
+    def forward_cached(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
+                       mask: Tensor, kv_len: int) -> Tensor:
+        """Cached decoding: x (B, T, dim) at positions input_pos (T,); mask (T, kv_len) bool."""
+        assert self.kv_cache is not None, "setup_caches() must run before forward_cached()"
+        q, k, v = self._qkv(x, cos, sin)
+        k, v = self.kv_cache.update(input_pos, k, v, kv_len)
+        # never is_causal here: SDPA aligns it top-left when Tq < Tk (LIBS.md), so a one-token
+        # step would only see key 0; the explicit mask is bottom-right aligned by construction
+        y = self._attend(q, k.to(q.dtype), v.to(q.dtype), mask, is_causal=False)
+        return self.resid_drop(self.wo(y))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020, "GLU Variants Improve Transformer"): w2(silu(x·w1) ⊙ x·w3)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.ffn_hidden = config.ffn_hidden
+        self.w13 = nn.Linear(config.dim, 2 * config.ffn_hidden, bias=False)  # fused gate and up: one GEMM
+        self.w2 = nn.Linear(config.ffn_hidden, config.dim, bias=False)
+        self.resid_drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, T, dim) -> (B, T, dim)."""
+        gate, up = self.w13(x).split(self.ffn_hidden, dim=-1)
+        return self.resid_drop(self.w2(F.silu(gate) * up))
+
+
+class Block(nn.Module):
+    """One transformer block, pre-norm or Chameleon-34B re-ordered norm (config.norm_reorder)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.norm_reorder = config.norm_reorder
+        self.attn = Attention(config)
+        self.mlp = MLP(config)
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def _residual(self, x: Tensor, attn: Callable[[Tensor], Tensor]) -> Tensor:
+        if self.norm_reorder:
+            # Chameleon-34B / Swin-v2: normalise the branch outputs, not the inputs, so no block can
+            # grow the residual stream without bound
+            h = x + self.attn_norm(attn(x))
+            return h + self.ffn_norm(self.mlp(h))
+        h = x + attn(self.attn_norm(x))
+        return h + self.mlp(self.ffn_norm(h))
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+        """Training / scoring: (B, T, dim) -> (B, T, dim); see Attention.forward for mask."""
+        return self._residual(x, lambda y: self.attn(y, cos, sin, mask))
+
+    def forward_cached(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
+                       mask: Tensor, kv_len: int) -> Tensor:
+        """Cached decoding: (B, T, dim) -> (B, T, dim)."""
+        return self._residual(x, lambda y: self.attn.forward_cached(y, cos, sin, input_pos, mask, kv_len))
+
+
+class LossOutput(NamedTuple):
+    """Result of `lm_loss`. Scalars; the per-modality sums are detached, for reporting."""
+
+    loss: Tensor  # nll + z_loss: what to backpropagate
+    nll: Tensor  # mean negative log-likelihood per target token (weighted mean when weights given)
+    z_loss: Tensor  # the z-loss term already included in loss: z · mean(logsumexp²)
+    num_targets: Tensor  # number of target tokens (sum of their weights when weights given)
+    text_nll_sum: Tensor  # summed (unweighted) NLL of target tokens outside image_token_range
+    text_count: Tensor  # number of those text targets
+    image_nll_sum: Tensor  # summed (unweighted) NLL of target tokens inside image_token_range
+    image_count: Tensor  # number of those image targets
+
+
+def lm_loss(logits: Tensor, targets: Tensor, *, z_loss: float, ignore_index: int = -100,
+            weights: Tensor | None = None, image_token_range: tuple[int, int] | None = None) -> LossOutput:
+    """Next-token cross-entropy normalised by the number of target tokens, plus z-loss.
+
+    logits: (B, T, V) of any float dtype; log-softmax runs in float32 even under bf16 autocast.
+    targets: (B, T) long; positions equal to ignore_index (padding) are never targets.
+    weights: (B, T) float per-token weights or None; the loss is then sum(w·nll) / sum(w).
+    z_loss: coefficient of z · mean(logsumexp(logits)²) (PaLM; Chameleon uses 1e-5), averaged
+      with the same weights as the NLL.
+    image_token_range: [lo, hi) ids of image codes: targets inside count as image, others as text;
+      None counts every target as text. A target counts for the modality sums iff it is not
+      ignore_index and its weight (if any) is > 0.
+    """
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)}: "
+                         "expected logits (B, T, V) and targets (B, T)")
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)  # (B, T)
+    valid = targets != ignore_index
+    safe_targets = targets.masked_fill(~valid, 0)
+    nll = lse - logits.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    if weights is None:
+        w = valid.float()
+    else:
+        if weights.shape != targets.shape:
+            raise ValueError(f"weights {tuple(weights.shape)} must have the shape of targets {tuple(targets.shape)}")
+        w = weights.float() * valid
+    num_targets = w.sum()
+    denom = torch.where(num_targets > 0, num_targets, torch.ones_like(num_targets))  # no 0/0 on an empty batch
+    mean_nll = (nll * w).sum() / denom
+    z_term = z_loss * (lse.pow(2) * w).sum() / denom
+
+    with torch.no_grad():
+        counted = valid & (w > 0)
+        if image_token_range is None:
+            is_image = torch.zeros_like(counted)
+        else:
+            lo, hi = image_token_range
+            is_image = (targets >= lo) & (targets < hi)
+        image = counted & is_image
+        text = counted & ~is_image
+        nll_d = nll.detach()
+        text_nll_sum, image_nll_sum = (nll_d * text).sum(), (nll_d * image).sum()
+        text_count, image_count = text.sum(), image.sum()
+    return LossOutput(mean_nll + z_term, mean_nll, z_term, num_targets,
+                      text_nll_sum, text_count, image_nll_sum, image_count)
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer over the unified token vocabulary (see module docstring for modes)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        # float32 on this CPU runs 4x slower once weights or activations become denormal (LIBS.md);
+        # flushing them to zero changes no result that matters and is a no-op on GPUs
+        torch.set_flush_denormal(True)
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_base)
+        # derived tables: not persistent, so never in a checkpoint
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._cache_shape: tuple[int, int] | None = None  # (max_batch_size, max_seq_len) once set up
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for every matrix; residual output projections (attn.wo, mlp.w2) get
+        init_std/sqrt(2·n_layer) so the residual stream's variance does not grow with depth (GPT-2)."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        resid_std = std / math.sqrt(2 * self.config.n_layer)
+        for layer in self.layers:
+            nn.init.normal_(layer.attn.wo.weight, mean=0.0, std=resid_std)
+            nn.init.normal_(layer.mlp.w2.weight, mean=0.0, std=resid_std)
+
+    def num_params(self) -> int:
+        """Number of distinct parameters (a tied embedding counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions (B or 1, T) long -> cos, sin (B or 1, T, 1, head_dim/2)."""
+        return self.rope_cos[positions].unsqueeze(2), self.rope_sin[positions].unsqueeze(2)
+
+    def forward(self, idx: Tensor, *, doc_ids: Tensor | None = None,
+                positions: Tensor | None = None) -> Tensor:
+        """Training / scoring forward pass.
+
+        idx: (B, T) long token ids, T <= block_size.
+        doc_ids: (B, T) packed-document ids; attention never crosses documents (block-diagonal
+          causal mask). None: each row is one causal sequence (SDPA's is_causal fast path).
+        positions: (B, T) long RoPE positions, e.g. `positions_from_doc_ids(doc_ids)` so packed
+          documents restart at 0. None: arange(T) for every row.
+        Returns logits (B, T, vocab_size).
+        """
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}: "
+                             "crop the input or build the model with a larger block_size")
+        if positions is None:
+            positions = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T)
+        elif positions.shape != idx.shape:
+            raise ValueError(f"positions {tuple(positions.shape)} must have the shape of idx {tuple(idx.shape)}")
+        mask = None
+        if doc_ids is not None:
+            if doc_ids.shape != idx.shape:
+                raise ValueError(f"doc_ids {tuple(doc_ids.shape)} must have the shape of idx {tuple(idx.shape)}")
+            mask = packing_mask(doc_ids)
+        cos, sin = self._rope(positions)
+        x = self.tok_emb(idx)  # (B, T, dim)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return self.head(self.norm(x))  # (B, T, vocab_size)
+
+    # ---- cached decoding -------------------------------------------------------------------
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype = torch.float32) -> None:
+        """Allocate a KV cache per layer for up to max_batch_size rows and max_seq_len positions.
+
+        Replaces any previous caches. dtype: storage dtype (bfloat16 halves memory; keys and
+        values are cast to the query dtype when attended).
+        """
+        if max_seq_len > self.config.block_size:
+            raise ValueError(f"max_seq_len={max_seq_len} exceeds block_size={self.config.block_size}: "
+                             "RoPE tables only cover block_size positions")
+        if max_batch_size <= 0 or max_seq_len <= 0:
+            raise ValueError(f"max_batch_size and max_seq_len must be positive, got {max_batch_size}, {max_seq_len}")
+        device = self.tok_emb.weight.device
+        for layer in self.layers:
+            layer.attn.kv_cache = KVCache(max_batch_size, max_seq_len, self.config.n_kv_head,
+                                          self.config.head_dim, dtype, device)
+        self._cache_shape = (max_batch_size, max_seq_len)
+
+    def clear_caches(self) -> None:
+        """Free the KV caches; forward_cached raises until setup_caches runs again."""
+        for layer in self.layers:
+            layer.attn.kv_cache = None
+        self._cache_shape = None
+
+    def _require_caches(self) -> tuple[int, int]:
+        if self._cache_shape is None:
+            raise ValueError("no KV cache: call model.setup_caches(max_batch_size, max_seq_len) first")
+        return self._cache_shape
+
+    def forward_cached(self, idx: Tensor, input_pos: Tensor) -> Tensor:
+        """Cached decoding step (prefill when T > 1, one token when T == 1).
+
+        idx: (B, T) long, B <= max_batch_size; input_pos: (T,) long positions of these tokens, the
+        same for every row. Writes their keys/values into the cache at input_pos and attends
+        causally to every cached position <= each token's own (positions beyond max(input_pos)
+        are never read, so stale rows from earlier prompts are harmless). Returns logits (B, T, V).
+        One host sync (max(input_pos)) bounds attention to the filled prefix.
+        """
+        max_batch, max_len = self._require_caches()
+        B, T = idx.shape
+        if B > max_batch:
+            raise ValueError(f"batch {B} exceeds the cache's max_batch_size={max_batch}: call setup_caches again")
+        if input_pos.shape != (T,):
+            raise ValueError(f"input_pos must have shape ({T},) for idx of shape {tuple(idx.shape)}, "
+                             f"got {tuple(input_pos.shape)}")
+        kv_len = int(input_pos.max()) + 1
+        if kv_len > max_len:
+            raise ValueError(f"position {kv_len - 1} is beyond the cache's max_seq_len={max_len}")
+        # bottom-right aligned causal mask: query at position p sees cached keys 0..p
+        mask = torch.arange(kv_len, device=idx.device)[None, :] <= input_pos[:, None]  # (T, kv_len)
+        cos, sin = self._rope(input_pos.unsqueeze(0))
+        x = self.tok_emb(idx)
+        for layer in self.layers:
+            x = layer.forward_cached(x, cos, sin, input_pos, mask, kv_len)
+        return self.head(self.norm(x))
+
+    def cache_state(self, batch_size: int, length: int) -> CacheState:
+        """Copy rows [:batch_size], positions [:length] of every layer's cache (e.g. after a prefill)."""
+        max_batch, max_len = self._require_caches()
+        if batch_size > max_batch or length > max_len:
+            raise ValueError(f"cache_state({batch_size}, {length}) exceeds the cache ({max_batch}, {max_len})")
+        keys, values = [], []
+        for layer in self.layers:
+            cache = layer.attn.kv_cache
+            keys.append(cache.k[:batch_size, :, :length].clone())
+            values.append(cache.v[:batch_size, :, :length].clone())
+        return CacheState(keys, values)
+
+    @torch.no_grad()
+    def load_cache_state(self, state: CacheState, repeats: int = 1) -> None:
+        """Write a snapshot back, each of its rows repeated `repeats` times along the batch
+        (repeat_interleave: new row j holds snapshot row j // repeats).
+
+        Typical use: prefill C prompts (batch C), `s = cache_state(C, prompt_len)`, then for each
+        chunk of N continuations `load_cache_state(s, repeats=N)` and decode a batch of C·N from
+        position prompt_len on; rows [n·N, (n+1)·N) continue prompt n (classifier-free guidance:
+        C=2 with [cond, uncond]; Bayes scoring: one class prompt per c, N images each).
+        """
+        max_batch, max_len = self._require_caches()
+        rows = state.batch_size * repeats
+        if rows > max_batch or state.length > max_len:
+            raise ValueError(f"{state.batch_size} rows × {repeats} repeats at length {state.length} do not "
+                             f"fit the cache ({max_batch}, {max_len}): call setup_caches with a larger size")
+        for layer, k, v in zip(self.layers, state.keys, state.values):
+            cache = layer.attn.kv_cache
+            cache.k[:rows, :, :state.length] = k.repeat_interleave(repeats, dim=0)
+            cache.v[:rows, :, :state.length] = v.repeat_interleave(repeats, dim=0)
+
+    def expand_cache(self, batch_size: int, repeats: int, length: int | None = None) -> None:
+        """In place: repeat cache rows [:batch_size] `repeats` times along the batch
+        (repeat_interleave), over positions [:length] (default: the whole cache)."""
+        _, max_len = self._require_caches()
+        self.load_cache_state(self.cache_state(batch_size, max_len if length is None else length), repeats)

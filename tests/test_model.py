@@ -1,0 +1,321 @@
+"""Behaviours of model/: cached decoding, packing, causality, loss, configs, presets, checkpoints."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import (
+    PRESETS,
+    ModelConfig,
+    Transformer,
+    lm_loss,
+    num_params,
+    positions_from_doc_ids,
+    preset,
+)
+from model.config import PRESET_PARAMS_AT_65536
+
+VOCAB = 300
+VARIANTS = {
+    "default": {},
+    "gqa": {"n_kv_head": 2},
+    "norm_reorder": {"norm_reorder": True},
+    "no_qk_norm_tied": {"qk_norm": False, "tie_embeddings": True},
+}
+
+
+def make_model(seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(preset("tiny", vocab_size=VOCAB, **overrides)).eval()
+    # a trained-looking model: std-0.02 weights make every logit nearly equal, hiding bugs
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.1)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    torch.set_num_threads(1)  # the machine is shared; tiny shapes gain nothing from threads
+
+
+# ---- cached decoding -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cached_decoding_matches_full_forward(variant):
+    model = make_model(**VARIANTS[variant])
+    idx = torch.randint(0, VOCAB, (2, 24))
+    with torch.no_grad():
+        full = model(idx)
+        model.setup_caches(max_batch_size=4, max_seq_len=32)
+        steps = [model.forward_cached(idx[:, :10], torch.arange(10))]  # prefill
+        for t in range(10, 24):  # one token at a time
+            steps.append(model.forward_cached(idx[:, t:t + 1], torch.tensor([t])))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_a_second_prompt_overwrites_the_cache_without_seeing_stale_positions():
+    model = make_model()
+    long_prompt, short_prompt = torch.randint(0, VOCAB, (1, 20)), torch.randint(0, VOCAB, (1, 8))
+    with torch.no_grad():
+        model.setup_caches(1, 32)
+        model.forward_cached(long_prompt, torch.arange(20))
+        cached = model.forward_cached(short_prompt, torch.arange(8))
+        torch.testing.assert_close(cached, model(short_prompt), atol=1e-5, rtol=0)
+
+
+def test_expanded_cache_gives_the_same_logits_as_recomputing():
+    model = make_model(n_kv_head=2)
+    prompts = torch.randint(0, VOCAB, (2, 7))  # e.g. [cond, uncond] or two class prompts
+    repeats = 3
+    continuations = torch.randint(0, VOCAB, (2 * repeats, 5))
+    with torch.no_grad():
+        model.setup_caches(max_batch_size=2 * repeats, max_seq_len=16)
+        model.forward_cached(prompts, torch.arange(7))
+        state = model.cache_state(batch_size=2, length=7)
+        for expand in (lambda: model.load_cache_state(state, repeats=repeats),
+                       lambda: model.expand_cache(batch_size=2, repeats=repeats)):
+            model.load_cache_state(state)  # rows 0, 1 hold the prompts again
+            expand()
+            cached = model.forward_cached(continuations, torch.arange(7, 12))
+            # row j continues prompt j // repeats (repeat_interleave)
+            full = model(torch.cat([prompts.repeat_interleave(repeats, dim=0), continuations], dim=1))
+            torch.testing.assert_close(cached, full[:, 7:], atol=1e-5, rtol=0)
+
+
+def test_forward_cached_without_caches_raises_a_clear_error():
+    model = make_model()
+    with pytest.raises(ValueError, match="setup_caches"):
+        model.forward_cached(torch.zeros(1, 1, dtype=torch.long), torch.tensor([0]))
+    model.setup_caches(1, 8)
+    model.clear_caches()
+    with pytest.raises(ValueError, match="setup_caches"):
+        model.forward_cached(torch.zeros(1, 1, dtype=torch.long), torch.tensor([0]))
+
+
+# ---- packing and causality -----------------------------------------------------------------
+
+def test_positions_restart_at_each_packed_document():
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2], [5, 5, 5, 5, 5, 5]])
+    expected = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    assert torch.equal(positions_from_doc_ids(doc_ids), expected)
+
+
+@pytest.mark.parametrize("variant", ["default", "gqa", "norm_reorder"])
+def test_packed_row_logits_equal_each_document_run_alone(variant):
+    model = make_model(**VARIANTS[variant])
+    lengths = [5, 9, 3, 7]
+    docs = [torch.randint(0, VOCAB, (1, n)) for n in lengths]
+    idx = torch.cat(docs, dim=1)
+    doc_ids = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
+    with torch.no_grad():
+        packed = model(idx, doc_ids=doc_ids, positions=positions_from_doc_ids(doc_ids))
+        alone = torch.cat([model(d) for d in docs], dim=1)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_changing_a_future_token_never_changes_earlier_logits(packed):
+    model = make_model()
+    idx = torch.randint(0, VOCAB, (2, 16))
+    changed = idx.clone()
+    changed[:, 11] = (changed[:, 11] + 1) % VOCAB
+    kwargs = {"doc_ids": torch.tensor([[0] * 6 + [1] * 10] * 2)} if packed else {}
+    with torch.no_grad():
+        a, b = model(idx, **kwargs), model(changed, **kwargs)
+    torch.testing.assert_close(a[:, :11], b[:, :11], atol=1e-6, rtol=0)
+    assert not torch.allclose(a[:, 11:], b[:, 11:])
+
+
+def test_a_packed_document_never_sees_the_previous_one():
+    model = make_model()
+    idx = torch.randint(0, VOCAB, (1, 12))
+    changed = idx.clone()
+    changed[:, 2] = (changed[:, 2] + 1) % VOCAB  # inside document 0
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7])
+    with torch.no_grad():
+        a, b = model(idx, doc_ids=doc_ids), model(changed, doc_ids=doc_ids)
+    torch.testing.assert_close(a[:, 5:], b[:, 5:], atol=1e-6, rtol=0)
+
+
+# ---- loss ----------------------------------------------------------------------------------
+
+def test_loss_is_mean_nll_over_targets_and_ignores_padding():
+    logits = torch.randn(2, 5, 11)
+    targets = torch.randint(0, 11, (2, 5))
+    targets[0, 3:] = -100
+    out = lm_loss(logits, targets, z_loss=0.0)
+    keep = targets != -100
+    expected = F.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(out.nll, expected)
+    torch.testing.assert_close(out.loss, expected)
+    assert out.num_targets.item() == keep.sum().item() == 8
+
+
+def test_loss_respects_token_weights():
+    logits = torch.randn(1, 4, 7)
+    targets = torch.tensor([[1, 2, 3, -100]])
+    weights = torch.tensor([[1.0, 0.5, 0.0, 3.0]])  # weight on a padded position is ignored
+    out = lm_loss(logits, targets, z_loss=0.0, weights=weights)
+    nll = F.cross_entropy(logits[0, :3], targets[0, :3], reduction="none")
+    torch.testing.assert_close(out.loss, (nll[0] + 0.5 * nll[1]) / 1.5)
+    assert out.num_targets.item() == 1.5
+    assert out.text_count.item() == 2  # the zero-weight target is not counted
+
+
+def test_loss_splits_text_and_image_nll_by_target_id_range():
+    logits = torch.randn(2, 6, 20)
+    targets = torch.tensor([[1, 12, 13, 5, -100, 19], [15, 15, 2, 0, 11, -100]])
+    out = lm_loss(logits, targets, z_loss=0.0, image_token_range=(10, 18))
+    nll = F.cross_entropy(logits.view(-1, 20), targets.view(-1), reduction="none", ignore_index=-100).view(2, 6)
+    image = (targets >= 10) & (targets < 18)
+    text = (targets != -100) & ~image
+    assert out.image_count.item() == 5 and out.text_count.item() == 5
+    torch.testing.assert_close(out.image_nll_sum, nll[image].sum())
+    torch.testing.assert_close(out.text_nll_sum, nll[text].sum())
+    torch.testing.assert_close((out.image_nll_sum + out.text_nll_sum) / 10, out.nll)
+
+
+def test_z_loss_adds_coefficient_times_mean_squared_logsumexp():
+    logits = torch.randn(2, 3, 9) * 3 + 2
+    targets = torch.tensor([[1, 2, -100], [4, 5, 6]])
+    keep = targets != -100
+    out = lm_loss(logits, targets, z_loss=1e-2)
+    expected_z = 1e-2 * torch.logsumexp(logits, -1)[keep].pow(2).mean()
+    torch.testing.assert_close(out.z_loss, expected_z)
+    torch.testing.assert_close(out.loss, out.nll + expected_z)
+
+
+def test_loss_runs_in_float32_on_bf16_logits():
+    logits = torch.randn(2, 4, 50).bfloat16()
+    targets = torch.randint(0, 50, (2, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lm_loss(logits, targets, z_loss=1e-5)
+    assert out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.nll, F.cross_entropy(logits.float().view(-1, 50), targets.view(-1)))
+
+
+def test_loss_of_a_batch_without_targets_is_zero_not_nan():
+    out = lm_loss(torch.randn(1, 3, 5), torch.full((1, 3), -100), z_loss=1e-5)
+    assert out.loss.item() == 0.0 and out.num_targets.item() == 0
+
+
+def test_a_few_training_steps_reduce_the_loss():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=VOCAB)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    idx = torch.randint(0, VOCAB, (4, 17))
+    losses = []
+    for _ in range(10):
+        out = lm_loss(model(idx[:, :-1]), idx[:, 1:], z_loss=model.config.z_loss)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[0] == pytest.approx(math.log(VOCAB), rel=0.05)  # std-0.02 init: near-uniform logits
+    assert losses[-1] < losses[0] - 0.5
+
+
+# ---- variants, precision -------------------------------------------------------------------
+
+def test_norm_reorder_variant_runs_and_differs_from_pre_norm():
+    idx = torch.randint(0, VOCAB, (2, 10))
+    pre, reorder = make_model(seed=1), make_model(seed=1, norm_reorder=True)
+    assert reorder.state_dict().keys() == pre.state_dict().keys()
+    reorder.load_state_dict(pre.state_dict())  # same weights, only the norm placement differs
+    with torch.no_grad():
+        a, b = pre(idx), reorder(idx)
+    assert torch.isfinite(b).all()
+    assert not torch.allclose(a, b, atol=1e-3)
+
+
+def test_bf16_autocast_forward_is_close_to_float32():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=VOCAB)).eval()
+    idx = torch.randint(0, VOCAB, (2, 32))
+    with torch.no_grad():
+        ref = model(idx)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(idx)
+    assert low.dtype == torch.bfloat16
+    ref_probs, low_probs = ref.softmax(-1), low.float().softmax(-1)
+    torch.testing.assert_close(low.float(), ref, atol=0.05, rtol=0.05)
+    assert (ref_probs - low_probs).abs().max() < 1e-3
+
+
+# ---- configs, presets, checkpoints ---------------------------------------------------------
+
+def test_config_round_trips_through_a_dict():
+    config = preset("default", vocab_size=4512, n_kv_head=2, norm_reorder=True)
+    again = ModelConfig.from_dict(config.to_dict())
+    assert again == config
+    assert again.ffn_hidden == 704 and again.n_kv_head == 2
+
+
+def test_config_rejects_unknown_keys_naming_them():
+    d = preset("tiny", vocab_size=VOCAB).to_dict()
+    d["n_layers"] = 3
+    with pytest.raises(ValueError, match="n_layers"):
+        ModelConfig.from_dict(d)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"dim": 100, "n_head": 3}, "divisible by n_head"),
+    ({"n_head": 4, "n_kv_head": 3}, "n_kv_head"),
+    ({"dim": 24, "n_head": 8}, "even"),
+    ({"dropout": 1.0}, "dropout"),
+    ({"n_layer": 0}, "n_layer"),
+])
+def test_invalid_configs_raise_value_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(vocab_size=VOCAB, **{"dim": 64, "n_head": 4, **kwargs})
+
+
+def test_unknown_preset_names_the_known_ones():
+    with pytest.raises(ValueError, match="tiny"):
+        preset("huge", vocab_size=VOCAB)
+
+
+@pytest.mark.parametrize("name", sorted(PRESET_PARAMS_AT_65536))
+def test_preset_param_counts_match_their_annotations(name):
+    count = num_params(preset(name, vocab_size=65_536))
+    assert count == pytest.approx(PRESET_PARAMS_AT_65536[name], rel=0.10)
+
+
+def test_default_preset_has_5_to_10_million_parameters_at_the_cpu_vocabulary():
+    assert 5e6 <= num_params(preset("default", vocab_size=4_000 + 512)) <= 10e6
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_num_params_formula_matches_the_module(variant):
+    config = preset("tiny", vocab_size=VOCAB, **VARIANTS[variant])
+    assert Transformer(config).num_params() == num_params(config)
+
+
+def test_tiny_preset_blocks_hold_about_a_tenth_of_a_million_parameters():
+    config = preset("tiny", vocab_size=VOCAB)
+    assert 0.05e6 < num_params(config) - 2 * VOCAB * config.dim < 0.2e6
+
+
+def test_init_scales_residual_projections_by_depth():
+    torch.manual_seed(0)
+    model = Transformer(preset("default", vocab_size=1000))
+    assert model.layers[0].attn.wqkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.layers[0].mlp.w2.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_safetensors_save_and_load_restore_every_tensor(tmp_path, tied):
+    from safetensors.torch import load_model, save_model
+    model = make_model(tie_embeddings=tied)
+    model.setup_caches(2, 16)  # caches and rope tables must stay out of the checkpoint
+    assert not any("cache" in k or "rope" in k for k in model.state_dict())
+    save_model(model, str(tmp_path / "model.safetensors"))
+    other = make_model(seed=1, tie_embeddings=tied)
+    load_model(other, str(tmp_path / "model.safetensors"))  # strict
+    for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), name
+    if tied:
+        assert other.head.weight.data_ptr() == other.tok_emb.weight.data_ptr()
