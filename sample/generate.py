@@ -1,0 +1,189 @@
+"""Generation on the model's KV cache: prefill, then one token at a time under the modality
+constraints, with classifier-free guidance for image tokens.
+
+Rows of different prompt lengths are left-padded to a common length; the padding is masked out
+as keys, and since rotary attention depends only on relative positions, a left-padded row
+attends exactly as it would alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+
+from model.transformer import Transformer
+from sample import logits as L
+from tokenizers_mm import special
+from tokenizers_mm.images import image_grid
+from tokenizers_mm.multimodal import MultimodalTokenizer
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are drawn."""
+
+    temperature: float = 1.0  # text temperature (0 = greedy)
+    top_k: int | None = None  # text top-k
+    top_p: float | None = None  # text nucleus
+    repetition_penalty: float = 1.0  # text repetition penalty (CTRL), 1 = off
+    image_temperature: float = 1.0  # image-code temperature
+    image_top_k: int | None = None  # image-code top-k
+    guidance: float = 1.0  # classifier-free guidance scale on image codes (1 = off)
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or self.image_temperature < 0:
+            raise ValueError("temperatures must be >= 0")
+        if self.guidance < 0:
+            raise ValueError(f"guidance scale must be >= 0, got {self.guidance}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def left_pad(rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id lists to one length -> ids (B, T) and key_valid (B, T) bool."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), special.PAD_ID, dtype=torch.long)
+    valid = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, T - len(r):] = torch.tensor(list(r), dtype=torch.long)
+            valid[i, T - len(r):] = True
+    return ids, valid
+
+
+def image_state(prompt: Sequence[int], image_tokens: int) -> int:
+    """-1 if a prompt ends in text, else how many codes follow its last unfinished <boi>."""
+    for j in range(len(prompt) - 1, -1, -1):
+        if prompt[j] == special.EOI_ID:
+            return -1
+        if prompt[j] == special.BOI_ID:
+            return min(len(prompt) - 1 - j, image_tokens)
+    return -1
+
+
+@torch.no_grad()
+def generate_ids(model: Transformer, tokenizer: MultimodalTokenizer, prompts: Sequence[Sequence[int]], *,
+                 max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
+                 uncond_prompts: Sequence[Sequence[int]] | None = None, stop_after_images: int | None = None,
+                 allow_text: bool = True, allow_image: bool = True, seed: int = 0,
+                 on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """Continue each prompt by up to max_new_tokens under the modality constraints.
+
+    uncond_prompts: one per prompt, the guidance stream's context (needed when guidance != 1).
+    stop_after_images: a row stops after completing this many new images.
+    on_token(row, token) is called for every drawn token. Returns the new ids of each row.
+    """
+    B = len(prompts)
+    guided = sampling.guidance != 1.0
+    if guided and (uncond_prompts is None or len(uncond_prompts) != B):
+        raise ValueError("classifier-free guidance needs one unconditional prompt per prompt")
+    rows = list(prompts) + (list(uncond_prompts) if guided else [])
+    ids, valid = left_pad(rows)
+    T0 = ids.shape[1]
+    total = T0 + max_new_tokens
+    if total > model.config.block_size:
+        raise ValueError(f"prompt ({T0} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's "
+                         f"context of {model.config.block_size} tokens")
+    device = model.tok_emb.weight.device
+    model.setup_caches(len(rows), total, dtype=torch.float32)
+    key_valid = torch.ones(len(rows), total, dtype=torch.bool, device=device)
+    key_valid[:, :T0] = valid.to(device)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    n_img = tokenizer.image_tokens
+    image_pos = torch.tensor([image_state(p, n_img) for p in prompts], dtype=torch.long)
+    done = torch.zeros(B, dtype=torch.bool)
+    images_done = torch.zeros(B, dtype=torch.long)
+    out: list[list[int]] = [[] for _ in range(B)]
+    history = [list(p) for p in prompts]
+
+    logits = model.forward_cached(ids.to(device), torch.arange(T0, device=device), key_valid=key_valid)[:, -1]
+    for t in range(max_new_tokens):
+        logits = logits.float().cpu()
+        cond = logits[:B]
+        in_image = image_pos >= 0
+        if guided:
+            guided_lp = L.classifier_free_guidance(cond, logits[B:], sampling.guidance)
+            cond = torch.where(in_image[:, None], guided_lp, cond.log_softmax(-1))
+        room = torch.full((B,), max_new_tokens - t, dtype=torch.long)
+        mask = L.allowed_tokens(image_pos, room, text_vocab_size=tokenizer.text_vocab_size,
+                                vocab_size=model.config.vocab_size, image_tokens=n_img,
+                                allow_text=allow_text, allow_image=allow_image)
+        mask[:, tokenizer.vocab_size:] = False
+        text_logits = L.repetition_penalty(cond, _history_tensor(history), sampling.repetition_penalty)
+        text_logits = L.top_p_filter(L.top_k_filter(L.apply_mask(text_logits, mask), sampling.top_k), sampling.top_p)
+        image_logits = L.top_k_filter(L.apply_mask(cond, mask), sampling.image_top_k)
+        tok_text = L.sample_token(text_logits, sampling.temperature, generator)
+        tok_image = L.sample_token(image_logits, sampling.image_temperature, generator)
+        forced = mask.sum(-1) == 1  # e.g. <eoi> after the last code
+        tok = torch.where(in_image, tok_image, tok_text)
+        tok = torch.where(forced, mask.float().argmax(-1), tok)
+        tok = torch.where(done, torch.full_like(tok, special.PAD_ID), tok)
+        for r in range(B):
+            if done[r]:
+                continue
+            v = int(tok[r])
+            out[r].append(v)
+            history[r].append(v)
+            if on_token is not None:
+                on_token(r, v)
+            if v == special.BOI_ID:
+                image_pos[r] = 0
+            elif v == special.EOI_ID:
+                image_pos[r] = -1
+                images_done[r] += 1
+                if stop_after_images is not None and images_done[r] >= stop_after_images:
+                    done[r] = True
+            elif image_pos[r] >= 0:
+                image_pos[r] += 1
+            elif v == special.EOS_ID:
+                done[r] = True
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        step_ids = torch.cat([tok, tok[:B]]) if guided else tok  # the guidance stream follows the draws
+        pos = torch.tensor([T0 + t], device=device)
+        logits = model.forward_cached(step_ids[:, None].to(device), pos, key_valid=key_valid)[:, -1]
+    model.clear_caches()
+    return out
+
+
+def _history_tensor(history: list[list[int]]) -> torch.Tensor:
+    T = max(len(h) for h in history)
+    out = torch.full((len(history), T), -1, dtype=torch.long)
+    for i, h in enumerate(history):
+        out[i, : len(h)] = torch.tensor(h, dtype=torch.long)
+    return out
+
+
+def text_to_image_prompts(tokenizer: MultimodalTokenizer, captions: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
+    """Conditional prompts `<bos> caption <boi>` and the unconditional one `<bos> <boi>` (the
+    caption dropped, as in training) for each caption."""
+    cond = [[special.BOS_ID, *tokenizer.encode_text(c), special.BOI_ID] for c in captions]
+    uncond = [[special.BOS_ID, special.BOI_ID] for _ in captions]
+    return cond, uncond
+
+
+@torch.no_grad()
+def generate_images(model: Transformer, tokenizer: MultimodalTokenizer, captions: Sequence[str], *,
+                    sampling: SamplingConfig = SamplingConfig(guidance=3.0), seed: int = 0) -> list[Image.Image]:
+    """One image per caption (repeat captions for several samples)."""
+    cond, uncond = text_to_image_prompts(tokenizer, captions)
+    new = generate_ids(model, tokenizer, cond, max_new_tokens=tokenizer.image_tokens + 1, sampling=sampling,
+                       uncond_prompts=uncond, stop_after_images=1, seed=seed)
+    codes = [[c - tokenizer.image_offset for c in row[: tokenizer.image_tokens]] for row in new]
+    return tokenizer.decode_images(codes)
+
+
+def sample_grid(model: Transformer, tokenizer: MultimodalTokenizer, prompts: Sequence[str], *, per_prompt: int = 2,
+                guidance: float = 3.0, seed: int = 0, batch_size: int = 16) -> Image.Image:
+    """A picture of text→image samples: one column per prompt, `per_prompt` rows."""
+    captions = [p for _ in range(per_prompt) for p in prompts]
+    images: list[Image.Image] = []
+    for i in range(0, len(captions), batch_size):
+        images += generate_images(model, tokenizer, captions[i : i + batch_size],
+                                  sampling=SamplingConfig(guidance=guidance), seed=seed + i)
+    rows = [images[r * len(prompts) : (r + 1) * len(prompts)] for r in range(per_prompt)]
+    return image_grid(rows, scale=2)
