@@ -390,7 +390,7 @@ class Transformer(nn.Module):
             raise ValueError("no KV cache: call model.setup_caches(max_batch_size, max_seq_len) first")
         return self._cache_shape
 
-    def forward_cached(self, idx: Tensor, input_pos: Tensor) -> Tensor:
+    def forward_cached(self, idx: Tensor, input_pos: Tensor, key_valid: Tensor | None = None) -> Tensor:
         """Cached decoding step (prefill when T > 1, one token when T == 1).
 
         idx: (B, T) long, B <= max_batch_size; input_pos: (T,) long positions of these tokens, the
@@ -398,6 +398,9 @@ class Transformer(nn.Module):
         causally to every cached position <= each token's own (positions beyond max(input_pos)
         are never read, so stale rows from earlier prompts are harmless). Returns logits (B, T, V).
         One host sync (max(input_pos)) bounds attention to the filled prefix.
+        key_valid: optional (B, >= kv_len) bool, False for cache positions no query may see (the
+          left padding of prompts of different lengths batched together). With rotary positions
+          only relative distances enter attention, so a left-padded row attends as it would alone.
         """
         max_batch, max_len = self._require_caches()
         B, T = idx.shape
@@ -411,6 +414,10 @@ class Transformer(nn.Module):
             raise ValueError(f"position {kv_len - 1} is beyond the cache's max_seq_len={max_len}")
         # bottom-right aligned causal mask: query at position p sees cached keys 0..p
         mask = torch.arange(kv_len, device=idx.device)[None, :] <= input_pos[:, None]  # (T, kv_len)
+        if key_valid is not None:
+            if key_valid.shape[0] != B or key_valid.shape[1] < kv_len:
+                raise ValueError(f"key_valid must be (B={B}, >= {kv_len}), got {tuple(key_valid.shape)}")
+            mask = mask[None, None] & key_valid[:, None, None, :kv_len]  # (B, 1, T, kv_len)
         cos, sin = self._rope(input_pos.unsqueeze(0))
         x = self.tok_emb(idx)
         for layer in self.layers:

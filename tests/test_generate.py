@@ -1,0 +1,80 @@
+"""Generation on the KV cache: padding-exactness, constraints, guidance."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import Transformer, preset
+from sample.generate import SamplingConfig, generate_ids, generate_images, left_pad, text_to_image_prompts
+from tokenizers_mm import special
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_tokenizer):
+    torch.manual_seed(0)
+    return Transformer(preset("tiny", vocab_size=tiny_tokenizer.vocab_size, block_size=160)).eval()
+
+
+def test_left_padded_rows_decode_exactly_as_alone():
+    torch.manual_seed(0)
+    m = Transformer(preset("tiny", vocab_size=100)).eval()
+    a, b = [1, 20, 21, 22, 23, 24], [1, 30, 31]
+    ids, valid = left_pad([a, b])
+    m.setup_caches(2, 12)
+    key_valid = torch.ones(2, 12, dtype=torch.bool)
+    key_valid[:, : ids.shape[1]] = valid
+    with torch.no_grad():
+        out = m.forward_cached(ids, torch.arange(ids.shape[1]), key_valid=key_valid)[:, -1]
+        step = m.forward_cached(torch.tensor([[40], [41]]), torch.tensor([ids.shape[1]]), key_valid=key_valid)[:, -1]
+        alone_a, alone_b = m(torch.tensor([a]))[0, -1], m(torch.tensor([b]))[0, -1]
+        alone_b2 = m(torch.tensor([b + [41]]))[0, -1]
+    assert torch.allclose(out[0], alone_a, atol=1e-5) and torch.allclose(out[1], alone_b, atol=1e-5)
+    assert torch.allclose(step[1], alone_b2, atol=1e-5)
+
+
+def test_generated_images_always_have_exactly_grid_codes(tiny_model, tiny_tokenizer):
+    t = tiny_tokenizer
+    cond, uncond = text_to_image_prompts(t, ["a red circle", "a handwritten digit seven"])
+    new = generate_ids(tiny_model, t, cond, max_new_tokens=t.image_tokens + 1, uncond_prompts=uncond,
+                       sampling=SamplingConfig(guidance=3.0), stop_after_images=1, seed=1)
+    for row in new:
+        assert len(row) == t.image_tokens + 1 and row[-1] == special.EOI_ID
+        assert all(t.image_offset <= c < t.vocab_size for c in row[:-1])
+    images = generate_images(tiny_model, t, ["a red circle"], seed=0)
+    assert images[0].size == (t.image_size, t.image_size)
+
+
+def test_free_generation_never_violates_the_modality_constraints(tiny_model, tiny_tokenizer):
+    t = tiny_tokenizer
+    prompts = [[special.BOS_ID, *t.encode_text("a red")] for _ in range(6)]
+    new = generate_ids(tiny_model, t, prompts, max_new_tokens=150, seed=3)
+    for row in new:
+        seq = [special.BOS_ID, *row]
+        i = 0
+        while i < len(seq):
+            tok = seq[i]
+            if tok == special.BOI_ID:
+                codes = seq[i + 1 : i + 1 + t.image_tokens]
+                assert len(codes) == t.image_tokens and all(t.layout.is_image_id(c) for c in codes)
+                assert seq[i + 1 + t.image_tokens] == special.EOI_ID
+                i += t.image_tokens + 2
+                continue
+            assert not t.layout.is_image_id(tok), "an image code outside <boi>..<eoi>"
+            if tok == special.EOS_ID:
+                assert i == len(seq) - 1 or all(x == special.PAD_ID for x in seq[i + 1 :])
+            i += 1
+        t.decode(seq)  # decodes without error
+
+
+def test_guidance_scale_one_equals_plain_conditional_sampling(tiny_model, tiny_tokenizer):
+    t = tiny_tokenizer
+    cond, uncond = text_to_image_prompts(t, ["a small red circle", "a handwritten digit seven"])
+    kw = dict(max_new_tokens=t.image_tokens + 1, stop_after_images=1, seed=7)
+    plain = generate_ids(tiny_model, t, cond, sampling=SamplingConfig(guidance=1.0), **kw)
+    with_uncond = generate_ids(tiny_model, t, cond, uncond_prompts=uncond, sampling=SamplingConfig(guidance=1.0), **kw)
+    assert plain == with_uncond
+
+
+def test_a_prompt_longer_than_the_context_is_refused(tiny_model, tiny_tokenizer):
+    with pytest.raises(ValueError, match="context"):
+        generate_ids(tiny_model, tiny_tokenizer, [[special.BOS_ID] * 150], max_new_tokens=20)
