@@ -72,6 +72,16 @@ def setup_distributed() -> Dist:
     return Dist(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+@torch.no_grad()
+def ranks_in_sync(model: torch.nn.Module, d: Dist) -> bool:
+    """True if every rank holds bitwise the same weights (compares a per-tensor fingerprint)."""
+    fp = torch.stack([p.double().sum() + (p.double() * torch.arange(p.numel(), dtype=torch.float64).view_as(p)).sum()
+                      for p in model.parameters()]).to(d.device)
+    gathered = [torch.zeros_like(fp) for _ in range(d.world)]
+    dist.all_gather(gathered, fp)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
 def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.world > 1:
         x = x.clone()
@@ -371,6 +381,10 @@ def _train(cfg: TrainConfig, data: Path, run: Path, resume: str, steps: int | No
         raise
     finally:
         bar.close()
+    if d.world > 1:
+        last["ranks_in_sync"] = ranks_in_sync(model, d)
+        if not last["ranks_in_sync"]:
+            raise RuntimeError("DDP ranks ended with different weights: gradients were not synchronised")
     if d.is_main:
         (run / "final_metrics.json").write_text(json.dumps(last, indent=2))
         if cfg.sample_grid:

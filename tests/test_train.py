@@ -1,0 +1,121 @@
+"""End to end: `make tokenize PRESET=tiny`, training, exact resume after SIGKILL, DDP on 2 processes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    return e
+
+
+def train_cmd(data: Path, out: Path, *sets: str) -> list[str]:
+    base = ["steps=24", "ckpt_every=4", "eval_every=1000", "sample_grid=false", "log_every=4"]
+    return [sys.executable, "-m", "train", "--preset", "tiny", "--data", str(data), "--out", str(out),
+            *[a for s in (*base, *sets) for a in ("--set", s)]]
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory) -> Path:
+    """`make tokenize PRESET=tiny` into a temporary folder, as a user would run it."""
+    out = tmp_path_factory.mktemp("artifacts")
+    r = subprocess.run(["make", "-s", "tokenize", "PRESET=tiny", f"OUT={out}"], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return out
+
+
+def test_make_tokenize_tiny_writes_tokenizer_shards_and_report(tiny_artifacts):
+    report = json.loads((tiny_artifacts / "report.json").read_text())
+    for corpus in ("shapes", "digits"):
+        assert 0 < report["vq"]["codebook_usage"][corpus] <= 1
+        assert report["vq"]["perplexity"][corpus] > 1
+        assert report["vq"]["psnr_db"][corpus] > 10
+        assert (tiny_artifacts / f"vq_recon_{corpus}.png").is_file()
+    assert report["bpe"]["vocab_size"] > 265
+    assert report["splits"]["train"]["docs"] > 0 and report["splits"]["eval"]["docs"] > 0
+    assert report["splits"]["train"]["per_source"]["digits"]["docs"] == 1437
+    assert report["splits"]["eval"]["per_source"]["digits"]["docs"] == 360
+    assert report["bad_inputs"]["count"] == 0
+    assert (tiny_artifacts / "tokenizer" / "tokenizer.json").is_file()
+    assert (tiny_artifacts / "shards" / "train" / "index.json").is_file()
+
+
+def test_training_lowers_held_out_loss_and_writes_a_loadable_checkpoint(tiny_artifacts, tmp_path):
+    run = tmp_path / "run"
+    r = subprocess.run(train_cmd(tiny_artifacts, run, "eval_every=12"), cwd=ROOT, env=env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]
+    assert len(evals) == 2 and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert (run / "loss_curve.png").is_file()
+    from model.checkpoint import load_pretrained
+
+    loaded = load_pretrained(run)
+    assert loaded.info["step"] == 24 and loaded.path.name == "step_000024"
+    ids = torch.tensor([loaded.tokenizer.encode_text("a red circle")])
+    assert torch.isfinite(loaded.model(ids)).all()
+
+
+def test_a_run_killed_mid_training_resumes_to_the_same_weights_bitwise(tiny_artifacts, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    r = subprocess.run(train_cmd(tiny_artifacts, straight), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    # slow steps down (1 thread, bigger eval) is not needed: poll for the first checkpoint, then SIGKILL
+    p = subprocess.Popen(train_cmd(tiny_artifacts, killed), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "latest").is_file() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    step_killed = int((killed / "latest").read_text().strip().split("_")[-1])
+    assert step_killed < 24
+
+    r = subprocess.run(train_cmd(tiny_artifacts, killed), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming at step {step_killed}" in r.stdout + r.stderr
+    a = load_file(straight / "checkpoints" / "step_000024" / "model.safetensors")
+    b = load_file(killed / "checkpoints" / "step_000024" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_two_ddp_processes_stay_in_sync(tiny_artifacts, tmp_path):
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train",
+           *train_cmd(tiny_artifacts, run, "steps=6")[3:]]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert final["ranks_in_sync"] is True and final["step"] == 6
+    assert "ranks 2" in r.stdout + r.stderr
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(tiny_artifacts, tmp_path):
+    r = subprocess.run(train_cmd(tiny_artifacts, tmp_path / "nan", "lr=1e12", "warmup=0", "grad_clip=1e30"),
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert "non-finite loss" in r.stderr and "at step" in r.stderr
+
+
+def test_unknown_or_mistyped_settings_are_refused(tiny_artifacts, tmp_path):
+    for bad, message in (("stepz=3", "unknown setting 'stepz'"), ("steps=three", "expected an integer")):
+        r = subprocess.run(train_cmd(tiny_artifacts, tmp_path / "x", bad), cwd=ROOT, env=env(),
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and message in r.stderr
