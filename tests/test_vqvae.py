@@ -1,0 +1,224 @@
+"""VQ-VAE image tokenizer: config, encode/decode contract, checkpoint round trip, strict loading,
+and that a short training run learns. Tiny preset only; CPU; a few seconds."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from tokenizers_mm.vqvae import CONFIG_FILE, VQ_PRESETS, WEIGHTS_FILE, VQConfig, VQVAE
+from train.vq import evaluate_vq, lr_at, reconstruction_grid, train_vqvae
+
+TINY = VQ_PRESETS["tiny"]
+
+
+def _images(n: int, seed: int) -> np.ndarray:
+    """uint8 (n, 32, 32, 3): one or two coloured rectangles on black, a stand-in for the corpora."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((n, 32, 32, 3), np.uint8)
+    for i in range(n):
+        for _ in range(rng.integers(1, 3)):
+            y, x = rng.integers(0, 24, 2)
+            h, w = rng.integers(4, 12, 2)
+            out[i, y:y + h, x:x + w] = rng.integers(40, 256, 3)
+    return out
+
+
+def _to_x(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+@pytest.fixture(scope="module")
+def train_images() -> np.ndarray:
+    return _images(512, seed=0)
+
+
+@pytest.fixture(scope="module")
+def eval_x() -> torch.Tensor:
+    return _to_x(_images(48, seed=1))
+
+
+@pytest.fixture(scope="module")
+def trained(train_images: np.ndarray) -> VQVAE:
+    torch.set_num_threads(1)  # tests may run beside other work on a 2-core machine (LIBS.md)
+    return train_vqvae(train_images, TINY, steps=60, batch_size=32, lr=3e-3, seed=0, progress=False)
+
+
+# ---- config ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(VQ_PRESETS))
+def test_every_preset_is_a_valid_config_that_builds(name: str) -> None:
+    cfg = VQ_PRESETS[name]
+    assert cfg.grid == cfg.image_size // cfg.f and cfg.num_tokens == cfg.grid**2
+    assert VQConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    if name in ("tiny", "default"):  # the big ones take a while to build; their config is checked above
+        VQVAE(cfg)
+
+
+def test_default_preset_maps_32px_rgb_to_8x8_codes_from_512():
+    cfg = VQ_PRESETS["default"]
+    assert (cfg.image_size, cfg.grid, cfg.codebook_size) == (32, 8, 512)
+
+
+@pytest.mark.parametrize("bad", [dict(f=3), dict(image_size=30), dict(channel_mult=(1, 2)), dict(decay=1.5),
+                                 dict(num_groups=7), dict(codebook_size=0), dict(commitment_weight=-1.0)])
+def test_config_rejects_invalid_values_with_value_error(bad: dict) -> None:
+    with pytest.raises(ValueError, match="VQConfig|divisible|num_groups"):
+        dataclasses.replace(TINY, **bad)
+
+
+# ---- encode / decode contract -----------------------------------------------------------------
+
+
+def test_codes_have_grid_shape_and_lie_in_the_codebook(trained: VQVAE, eval_x: torch.Tensor) -> None:
+    codes = trained.encode(eval_x)
+    assert codes.shape == (len(eval_x), TINY.grid, TINY.grid) and codes.dtype == torch.long
+    assert 0 <= int(codes.min()) and int(codes.max()) < TINY.codebook_size
+
+
+def test_decoded_images_have_input_shape_and_lie_in_minus_one_to_one(trained: VQVAE, eval_x: torch.Tensor) -> None:
+    rec = trained.decode(trained.encode(eval_x))
+    assert rec.shape == eval_x.shape and rec.dtype == torch.float32
+    assert float(rec.min()) >= -1.0 and float(rec.max()) <= 1.0
+
+
+def test_encode_is_deterministic_and_batch_invariant(trained: VQVAE, eval_x: torch.Tensor) -> None:
+    whole = trained.encode(eval_x)
+    assert torch.equal(whole, trained.encode(eval_x))
+    one_by_one = torch.cat([trained.encode(eval_x[i:i + 1]) for i in range(len(eval_x))])
+    assert torch.equal(whole, one_by_one)
+    assert torch.equal(whole, trained.encode(eval_x, batch_size=7))
+
+
+def test_decode_of_encode_is_deterministic(trained: VQVAE, eval_x: torch.Tensor) -> None:
+    assert torch.equal(trained.decode(trained.encode(eval_x)), trained.decode(trained.encode(eval_x)))
+
+
+def test_eval_lookup_matches_the_library_quantizer(trained: VQVAE, eval_x: torch.Tensor) -> None:
+    z = trained.encoder(eval_x).flatten(2).transpose(1, 2)
+    ours_q, ours_idx = trained._quantize_eval(z)
+    lib_q, lib_idx, _ = trained.vq.eval()(z)
+    assert torch.equal(ours_idx, lib_idx) and torch.allclose(ours_q, lib_q, atol=1e-5)
+
+
+def test_encode_never_changes_the_codebook_even_untrained_in_train_mode(eval_x: torch.Tensor) -> None:
+    model = VQVAE(TINY).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    codes = model.encode(eval_x)
+    assert not model.is_trained and len(codes.unique()) > 1  # random codebook, not all code 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_encode_rejects_uint8_wrong_size_and_out_of_range_images(trained: VQVAE) -> None:
+    with pytest.raises(ValueError, match="float"):
+        trained.encode(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"\(B, 3, 32, 32\)"):
+        trained.encode(torch.zeros(2, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        trained.encode(torch.full((2, 3, 32, 32), 255.0))
+
+
+def test_decode_rejects_out_of_range_codes_and_wrong_grid(trained: VQVAE) -> None:
+    with pytest.raises(ValueError, match=r"\[0, 64\)"):
+        trained.decode(torch.full((1, 8, 8), 64))
+    with pytest.raises(ValueError, match=r"\(B, 8, 8\)"):
+        trained.decode(torch.zeros(1, 64, dtype=torch.long))
+
+
+# ---- checkpoint --------------------------------------------------------------------------------
+
+
+def test_save_then_from_pretrained_restores_every_tensor_and_gives_identical_codes(
+        trained: VQVAE, eval_x: torch.Tensor, tmp_path: Path) -> None:
+    trained.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])  # no temp files left
+    loaded = VQVAE.from_pretrained(tmp_path)
+    assert loaded.config == trained.config and not loaded.training
+    a, b = trained.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(loaded.encode(eval_x), trained.encode(eval_x))
+    assert torch.equal(loaded.decode(trained.encode(eval_x)), trained.decode(trained.encode(eval_x)))
+
+
+def test_from_pretrained_rejects_a_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not found"):
+        VQVAE.from_pretrained(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("missing", [CONFIG_FILE, WEIGHTS_FILE])
+def test_from_pretrained_rejects_a_folder_missing_a_file(trained: VQVAE, tmp_path: Path, missing: str) -> None:
+    trained.save(tmp_path)
+    (tmp_path / missing).unlink()
+    with pytest.raises(ValueError, match=missing):
+        VQVAE.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("edit, message", [("unknown", "unknown keys \\['dropout'\\]"),
+                                           ("missing", "missing keys \\['decay'\\]")])
+def test_from_pretrained_rejects_a_config_with_unknown_or_missing_keys(
+        trained: VQVAE, tmp_path: Path, edit: str, message: str) -> None:
+    trained.save(tmp_path)
+    cfg = json.loads((tmp_path / CONFIG_FILE).read_text())
+    if edit == "unknown":
+        cfg["dropout"] = 0.1
+    else:
+        del cfg["decay"]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=message):
+        VQVAE.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("edit", ["missing", "unexpected", "mismatched"])
+def test_from_pretrained_rejects_weights_that_do_not_match_the_config(
+        trained: VQVAE, tmp_path: Path, edit: str) -> None:
+    trained.save(tmp_path)
+    state = load_file(str(tmp_path / WEIGHTS_FILE))
+    if edit == "missing":
+        del state["decoder.conv_out.bias"]
+    elif edit == "unexpected":
+        state["decoder.extra.weight"] = torch.zeros(3)
+    else:
+        state["decoder.conv_out.bias"] = torch.zeros(4)
+    save_file(state, str(tmp_path / WEIGHTS_FILE))
+    expected = {"missing": r"missing \['decoder.conv_out.bias'\]", "unexpected": r"unexpected \['decoder.extra.weight'\]",
+                "mismatched": r"decoder.conv_out.bias: file \(4,\) vs config \(3,\)"}[edit]
+    with pytest.raises(ValueError, match=expected):
+        VQVAE.from_pretrained(tmp_path)
+
+
+# ---- training and evaluation -------------------------------------------------------------------
+
+
+def test_short_training_lowers_reconstruction_error_and_uses_many_codes(trained: VQVAE, eval_x: torch.Tensor) -> None:
+    untrained = VQVAE(TINY).eval()
+    err_before = F.mse_loss(untrained.decode(untrained.encode(eval_x)), eval_x).item()
+    err_after = F.mse_loss(trained.decode(trained.encode(eval_x)), eval_x).item()
+    assert trained.is_trained and err_after < 0.5 * err_before
+    assert len(trained.encode(eval_x).unique()) > 8
+
+
+def test_evaluate_vq_reports_usage_perplexity_and_psnr_in_range(trained: VQVAE) -> None:
+    images = _images(32, seed=2)
+    m = evaluate_vq(trained, images)  # uint8 (N, H, W, 3) accepted as is
+    assert 0 < m["codebook_usage"] <= 1 and m["codes_used"] == round(m["codebook_usage"] * 64)
+    assert 1 <= m["perplexity"] <= m["codes_used"] + 1e-6
+    assert 10 < m["psnr_db"] < 100 and m["num_images"] == 32
+    assert evaluate_vq(trained, _to_x(images)) == m  # float (N, 3, H, W) gives the same numbers
+
+
+def test_reconstruction_grid_shows_originals_above_reconstructions_upscaled_4x(trained: VQVAE) -> None:
+    grid = reconstruction_grid(trained, _images(5, seed=3), n=4)
+    assert grid.size == (4 * (128 + 2) + 2, 2 * (128 + 2) + 2)
+
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth() -> None:
+    lrs = [lr_at(s, 100, 1.0) for s in range(100)]
+    assert lrs[0] < lrs[4] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1, abs=0.01)
+    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))

@@ -1,0 +1,401 @@
+"""VQ-VAE image tokenizer: an image (B, 3, H, W) in [-1, 1] <-> a grid of codes (B, H/f, W/f).
+
+A small convolutional encoder maps the image to a (H/f × W/f) grid of vectors, each snapped to the
+nearest entry of a learned codebook (`vector_quantize_pytorch.VectorQuantize`, EMA codebook); the
+decoder maps the grid of code vectors back to pixels. The code grid, read in raster order, is what
+the transformer sees as image tokens.
+
+    vq = VQVAE(VQ_PRESETS["default"])           # train it with train.vq.train_vqvae
+    codes = vq.encode(pil_to_tensor(images))    # (B, 8, 8) int64 in [0, 512)
+    images = tensor_to_pil(vq.decode(codes))
+    vq.save("artifacts/vq"); vq = VQVAE.from_pretrained("artifacts/vq")
+
+Numerics: the conv encoder/decoder may run under bf16 autocast; the quantizer always runs in
+float32 outside autocast (LIBS.md: under CPU autocast its distances run partly in bf16).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from vector_quantize_pytorch import VectorQuantize
+
+try:  # k-means init logs through loguru; keep training output to our own progress bar (LIBS.md)
+    from loguru import logger as _loguru_logger
+
+    _loguru_logger.disable("vector_quantize_pytorch")
+except ImportError:  # pragma: no cover - loguru ships with vector-quantize-pytorch
+    pass
+
+CONFIG_FILE = "vq_config.json"
+WEIGHTS_FILE = "vq.safetensors"
+
+
+@dataclass
+class VQConfig:
+    """Everything needed to rebuild a VQVAE; saved as `vq_config.json` next to its weights."""
+
+    image_size: int = 32  # side of the square RGB input in pixels
+    f: int = 4  # downsample factor, a power of 2: the code grid is image_size // f per side
+    channels: int = 64  # conv width at full resolution; level i uses channels * channel_mult[i]
+    channel_mult: tuple[int, ...] = (1, 2, 2)  # one entry per resolution level: log2(f) + 1 levels
+    num_res_blocks: int = 1  # residual blocks per resolution level (encoder and decoder each)
+    num_groups: int = 8  # GroupNorm groups; must divide every level's width
+    latent_dim: int = 64  # width of the encoder output / decoder input (`dim` of VectorQuantize)
+    codebook_size: int = 512  # number of codes K: image tokens take ids 0..K-1
+    codebook_dim: int = 64  # width of codebook vectors; != latent_dim adds linear projections in/out
+    decay: float = 0.95  # EMA decay of the codebook; LIBS.md: 0.9-0.99 kept 510/512 codes alive
+    commitment_weight: float = 0.25  # β of van den Oord et al. 2017 (VQ-VAE), eq. 3
+    threshold_ema_dead_code: float = 2.0  # codes whose EMA cluster size falls below this are re-seeded
+    kmeans_init: bool = True  # initialise the codebook by k-means on the first batch (LIBS.md: avoids collapse)
+    kmeans_iters: int = 10  # k-means iterations for that init
+    rotation_trick: bool = True  # gradient through the quantizer by the rotation trick (Fifty et al. 2024), else STE
+    sync_codebook: bool = False  # all-reduce codebook statistics across DDP ranks; set True under torchrun
+
+    def __post_init__(self) -> None:
+        self.channel_mult = tuple(int(m) for m in self.channel_mult)  # JSON gives a list
+        for name in ("image_size", "f", "channels", "num_res_blocks", "num_groups", "latent_dim",
+                     "codebook_size", "codebook_dim", "kmeans_iters"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"VQConfig.{name} must be a positive integer; found {v!r}")
+        if self.f < 2 or self.f & (self.f - 1):
+            raise ValueError(f"VQConfig.f (downsample factor) must be a power of 2 ≥ 2; found {self.f}")
+        if self.image_size % self.f:
+            raise ValueError(
+                f"VQConfig.image_size={self.image_size} is not divisible by f={self.f}; "
+                f"pick an image size that is a multiple of {self.f}"
+            )
+        levels = int(math.log2(self.f)) + 1
+        if len(self.channel_mult) != levels:
+            raise ValueError(
+                f"VQConfig.channel_mult has {len(self.channel_mult)} entries {self.channel_mult}; "
+                f"f={self.f} needs log2(f)+1 = {levels} (one per resolution level)"
+            )
+        for m in self.channel_mult:
+            width = self.channels * m
+            if m < 1 or width % self.num_groups:
+                raise ValueError(
+                    f"level width channels*mult = {self.channels}*{m} = {width} must be positive and "
+                    f"divisible by num_groups={self.num_groups}; change channels, channel_mult or num_groups"
+                )
+        if self.codebook_size < 2:
+            raise ValueError(f"VQConfig.codebook_size must be ≥ 2; found {self.codebook_size}")
+        if not 0.0 < self.decay < 1.0:
+            raise ValueError(f"VQConfig.decay must be in (0, 1); found {self.decay} (LIBS.md: 0.9-0.99 works)")
+        if self.commitment_weight < 0:
+            raise ValueError(f"VQConfig.commitment_weight must be ≥ 0; found {self.commitment_weight}")
+        if self.threshold_ema_dead_code < 0:
+            raise ValueError(f"VQConfig.threshold_ema_dead_code must be ≥ 0; found {self.threshold_ema_dead_code}")
+
+    @property
+    def grid(self) -> int:
+        """Codes per side: image_size // f."""
+        return self.image_size // self.f
+
+    @property
+    def num_tokens(self) -> int:
+        """Codes per image: grid * grid (raster order)."""
+        return self.grid * self.grid
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field."""
+        d = asdict(self)
+        d["channel_mult"] = list(self.channel_mult)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VQConfig":
+        """Build from a dict that must hold exactly this dataclass's fields."""
+        if not isinstance(d, dict):
+            raise ValueError(f"VQ config must be a JSON object; found {type(d).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown, missing = sorted(set(d) - names), sorted(names - set(d))
+        if unknown or missing:
+            raise ValueError(
+                f"VQ config does not match VQConfig: unknown keys {unknown}, missing keys {missing}; "
+                "it was written by another version of the code — re-save it with VQVAE.save()"
+            )
+        return cls(**d)
+
+
+# Named presets. Param counts are for the whole VQVAE (encoder + decoder + codebook projections).
+VQ_PRESETS: dict[str, VQConfig] = {
+    # tests only: trains in a few seconds; ~60k params
+    "tiny": VQConfig(image_size=32, f=4, channels=16, channel_mult=(1, 1, 2), num_res_blocks=1, num_groups=4,
+                     latent_dim=16, codebook_size=64, codebook_dim=16),
+    # the CPU default: 32×32 RGB -> 8×8 codes from 512; calibrated for `make tokenize` (see train/vq.py)
+    "default": VQConfig(),
+    # GPU: 64×64 -> 8×8 codes (f=8) from 1024; ~2.5M params
+    "64px": VQConfig(image_size=64, f=8, channels=64, channel_mult=(1, 2, 2, 4), num_res_blocks=2,
+                     num_groups=32, latent_dim=128, codebook_size=1024, codebook_dim=64, decay=0.99),
+    # GPU: 128×128 -> 16×16 codes (f=8) from 4096; ~9M params
+    "128px": VQConfig(image_size=128, f=8, channels=128, channel_mult=(1, 1, 2, 4), num_res_blocks=2,
+                      num_groups=32, latent_dim=256, codebook_size=4096, codebook_dim=64, decay=0.99),
+}
+
+
+class VQOutput(NamedTuple):
+    """What `VQVAE.forward` returns."""
+
+    recon: torch.Tensor  # (B, 3, H, W) float, unclamped reconstruction
+    indices: torch.Tensor  # (B, grid, grid) int64 codes
+    commit_loss: torch.Tensor  # scalar, already weighted by commitment_weight
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv3x3, twice, plus a (1x1-projected if needed) skip."""
+
+    def __init__(self, c_in: int, c_out: int, num_groups: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(num_groups, c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = nn.GroupNorm(num_groups, c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class Encoder(nn.Module):
+    """(B, 3, H, W) -> (B, latent_dim, H/f, W/f)."""
+
+    def __init__(self, cfg: VQConfig) -> None:
+        super().__init__()
+        widths = [cfg.channels * m for m in cfg.channel_mult]
+        self.conv_in = nn.Conv2d(3, widths[0], 3, padding=1)
+        blocks: list[nn.Module] = []
+        c = widths[0]
+        for i, w in enumerate(widths):
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResBlock(c, w, cfg.num_groups))
+                c = w
+            if i < len(widths) - 1:
+                blocks.append(nn.Conv2d(c, c, 4, stride=2, padding=1))  # learned 2× downsample
+        self.blocks = nn.Sequential(*blocks)
+        self.norm_out = nn.GroupNorm(cfg.num_groups, c)
+        self.conv_out = nn.Conv2d(c, cfg.latent_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(x)))))
+
+
+class Decoder(nn.Module):
+    """(B, latent_dim, H/f, W/f) -> (B, 3, H, W), mirror of the encoder."""
+
+    def __init__(self, cfg: VQConfig) -> None:
+        super().__init__()
+        widths = [cfg.channels * m for m in reversed(cfg.channel_mult)]
+        c = widths[0]
+        self.conv_in = nn.Conv2d(cfg.latent_dim, c, 3, padding=1)
+        blocks: list[nn.Module] = []
+        for i, w in enumerate(widths):
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResBlock(c, w, cfg.num_groups))
+                c = w
+            if i < len(widths) - 1:
+                # nearest upsample + conv avoids the checkerboard of transposed convs
+                blocks += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)]
+        self.blocks = nn.Sequential(*blocks)
+        self.norm_out = nn.GroupNorm(cfg.num_groups, c)
+        self.conv_out = nn.Conv2d(c, 3, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(z)))))
+
+
+class VQVAE(nn.Module):
+    """Image tokenizer: `encode` images to code grids, `decode` code grids to images."""
+
+    def __init__(self, config: VQConfig) -> None:
+        super().__init__()
+        if not isinstance(config, VQConfig):
+            raise ValueError(f"VQVAE needs a VQConfig; found {type(config).__name__} (see VQ_PRESETS)")
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.vq = VectorQuantize(
+            dim=config.latent_dim,
+            codebook_size=config.codebook_size,
+            codebook_dim=config.codebook_dim,
+            decay=config.decay,
+            commitment_weight=config.commitment_weight,
+            kmeans_init=config.kmeans_init,
+            kmeans_iters=config.kmeans_iters,
+            threshold_ema_dead_code=config.threshold_ema_dead_code,
+            rotation_trick=config.rotation_trick,
+            # explicit: the library caches its "am I distributed" check at first construction (LIBS.md)
+            sync_codebook=config.sync_codebook,
+            accept_image_fmap=False,  # we flatten to (B, h*w, C) ourselves
+        )
+        if config.kmeans_init:
+            # the library starts a k-means codebook at zeros (every code identical) until the first
+            # training batch; random codes make an untrained model's codes varied instead of all 0
+            with torch.no_grad():
+                self.vq._codebook.embed.normal_()
+
+    # ---- core -----------------------------------------------------------------------------
+
+    def _check_images(self, x: torch.Tensor) -> None:
+        s = self.config.image_size
+        if not torch.is_tensor(x) or x.ndim != 4 or x.shape[1] != 3 or x.shape[2] != s or x.shape[3] != s:
+            shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(
+                f"expected images as a float tensor (B, 3, {s}, {s}) in [-1, 1]; found {shape} — "
+                "convert PIL images with tokenizers_mm.images.pil_to_tensor"
+            )
+        if not x.is_floating_point():
+            raise ValueError(
+                f"expected float images in [-1, 1]; found dtype {x.dtype} — use pil_to_tensor, or x/127.5 - 1"
+            )
+
+    def _quantize_eval(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest-code lookup without touching the codebook's state: (B, N, D) -> (quantized, indices).
+
+        The library's forward would k-means-initialise an untrained codebook even in eval mode, so
+        inference does the (identical, Euclidean) lookup itself.
+        """
+        zc = self.vq.project_in(z.float())  # (B, N, codebook_dim)
+        codebook = self.vq.codebook.float()  # (K, codebook_dim)
+        # ‖z−c‖² up to a per-row constant; float64 so argmin ties don't depend on batch blocking
+        zc64, cb64 = zc.double(), codebook.double()
+        dist = cb64.pow(2).sum(-1) - 2.0 * zc64 @ cb64.t()  # (B, N, K)
+        indices = dist.argmin(-1)
+        quantized = self.vq.project_out(codebook[indices])  # (B, N, latent_dim)
+        return quantized, indices
+
+    def forward(self, x: torch.Tensor) -> VQOutput:
+        """Reconstruct images; in train mode this also updates the EMA codebook.
+
+        x: (B, 3, H, W) in [-1, 1]. Conv parts follow any enclosing autocast; the quantizer runs in float32.
+        """
+        self._check_images(x)
+        z = self.encoder(x)  # (B, D, g, g)
+        b, d, g, _ = z.shape
+        z = z.float().flatten(2).transpose(1, 2)  # (B, g*g, D)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            if self.training:
+                quantized, indices, commit_loss = self.vq(z)
+            else:
+                quantized, indices = self._quantize_eval(z)
+                commit_loss = self.config.commitment_weight * F.mse_loss(z, quantized)
+        zq = quantized.transpose(1, 2).reshape(b, d, g, g)
+        recon = self.decoder(zq)
+        return VQOutput(recon=recon, indices=indices.reshape(b, g, g).long(), commit_loss=commit_loss.sum())
+
+    # ---- public tokenizer API --------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """Images (B, 3, H, W) float in [-1, 1] -> codes (B, grid, grid) int64 in [0, codebook_size).
+
+        Deterministic and batch-invariant; never changes the codebook (safe in train or eval mode).
+        """
+        self._check_images(x)
+        if x.numel() and (x.min() < -1.01 or x.max() > 1.01):
+            raise ValueError(
+                f"expected pixel values in [-1, 1]; found [{x.min().item():.3g}, {x.max().item():.3g}] — "
+                "uint8 images must be scaled: pil_to_tensor does it"
+            )
+        dev = self.vq.codebook.device
+        g = self.config.grid
+        out = []
+        for chunk in x.split(batch_size):
+            z = self.encoder(chunk.to(dev).float())
+            z = z.float().flatten(2).transpose(1, 2)
+            _, idx = self._quantize_eval(z)
+            out.append(idx.reshape(-1, g, g))
+        if not out:
+            return torch.empty(0, g, g, dtype=torch.long, device=dev)
+        return torch.cat(out).long()
+
+    @torch.no_grad()
+    def decode(self, indices: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """Codes (B, grid, grid) int in [0, codebook_size) -> images (B, 3, H, W) float clamped to [-1, 1]."""
+        g, k = self.config.grid, self.config.codebook_size
+        if not torch.is_tensor(indices) or indices.ndim != 3 or tuple(indices.shape[1:]) != (g, g):
+            shape = tuple(indices.shape) if torch.is_tensor(indices) else type(indices).__name__
+            raise ValueError(f"expected codes of shape (B, {g}, {g}); found {shape} — reshape a raster "
+                             f"sequence of {g * g} codes with .view(-1, {g}, {g})")
+        if indices.is_floating_point() or indices.dtype == torch.bool:
+            raise ValueError(f"expected integer codes; found dtype {indices.dtype}")
+        if indices.numel() and (indices.min() < 0 or indices.max() >= k):
+            raise ValueError(f"codes must lie in [0, {k}); found [{indices.min().item()}, {indices.max().item()}] — "
+                             "subtract the image-token offset before decoding")
+        dev = self.vq.codebook.device
+        out = []
+        codebook = self.vq.codebook.float()
+        for chunk in indices.split(batch_size):
+            # project_out(codebook[idx]) equals the forward pass's output (LIBS.md: get_output_from_indices
+            # breaks for image fmaps with codebook_dim != dim)
+            q = self.vq.project_out(codebook[chunk.to(dev).long()])  # (b, g, g, D)
+            out.append(self.decoder(q.permute(0, 3, 1, 2).contiguous()).clamp(-1, 1))
+        if not out:
+            s = self.config.image_size
+            return torch.empty(0, 3, s, s, device=dev)
+        return torch.cat(out)
+
+    @property
+    def is_trained(self) -> bool:
+        """False until the codebook has been k-means-initialised by a training step (always True without kmeans_init)."""
+        return bool(self.vq._codebook.initted.item())
+
+    # ---- checkpoint ------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write `vq_config.json` and `vq.safetensors` into `directory` (created), each atomically."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
+        tmp_w = d / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
+        save_file(state, str(tmp_w), metadata={"format": "vqvae", "config": json.dumps(self.config.to_dict())})
+        os.replace(tmp_w, d / WEIGHTS_FILE)
+        tmp_c = d / f".{CONFIG_FILE}.tmp{os.getpid()}"
+        tmp_c.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        os.replace(tmp_c, d / CONFIG_FILE)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "VQVAE":
+        """Load a folder written by `save`, strictly; returns the model in eval mode."""
+        d = Path(directory)
+        if not d.is_dir():
+            raise ValueError(f"VQ-VAE folder not found: {d} — train one with `python -m train.vq --out {d}`")
+        cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
+        for p in (cfg_path, w_path):
+            if not p.is_file():
+                raise ValueError(f"VQ-VAE folder {d} has no {p.name}; expected both {CONFIG_FILE} and "
+                                 f"{WEIGHTS_FILE} as written by VQVAE.save()")
+        try:
+            cfg_dict = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path} is not valid JSON ({e}); re-save the model") from None
+        model = cls(VQConfig.from_dict(cfg_dict))
+        state = load_file(str(w_path))
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        mismatched = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(expected[k].shape)}"
+                      for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+        if missing or unexpected or mismatched:
+            raise ValueError(
+                f"weights in {w_path} do not match {cfg_path}: missing {missing}, unexpected {unexpected}, "
+                f"mismatched shapes {mismatched} — the two files come from different models; re-save them together"
+            )
+        model.load_state_dict(state, strict=True)
+        return model.to(device).eval()
+
+
+def num_params(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
