@@ -31,6 +31,9 @@ class SamplingConfig:
     image_temperature: float = 1.0  # image-code temperature
     image_top_k: int | None = None  # image-code top-k
     guidance: float = 1.0  # classifier-free guidance scale on image codes (1 = off)
+    # image decoding strategy: "sample" (guided sampling) or "cdk" (CM3Leon's contrastive CD-K)
+    strategy: str = "sample"
+    cdk_k: int = 16  # CD-K: candidates among the conditional model's top k
 
     def __post_init__(self) -> None:
         if self.temperature < 0 or self.image_temperature < 0:
@@ -41,6 +44,15 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.strategy not in ("sample", "cdk"):
+            raise ValueError(f"strategy must be 'sample' or 'cdk', got {self.strategy!r}")
+        if self.cdk_k < 1:
+            raise ValueError(f"cdk_k must be >= 1, got {self.cdk_k}")
+
+    @property
+    def needs_uncond(self) -> bool:
+        """Whether image decoding uses an unconditional stream (guidance or CD-K)."""
+        return self.guidance != 1.0 or self.strategy == "cdk"
 
 
 def left_pad(rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,9 +90,9 @@ def generate_ids(model: Transformer, tokenizer: MultimodalTokenizer, prompts: Se
     on_token(row, token) is called for every drawn token. Returns the new ids of each row.
     """
     B = len(prompts)
-    guided = sampling.guidance != 1.0
+    guided = sampling.needs_uncond
     if guided and (uncond_prompts is None or len(uncond_prompts) != B):
-        raise ValueError("classifier-free guidance needs one unconditional prompt per prompt")
+        raise ValueError("classifier-free guidance and CD-K need one unconditional prompt per prompt")
     rows = list(prompts) + (list(uncond_prompts) if guided else [])
     ids, valid = left_pad(rows)
     T0 = ids.shape[1]
@@ -106,7 +118,10 @@ def generate_ids(model: Transformer, tokenizer: MultimodalTokenizer, prompts: Se
         cond = logits[:B]
         in_image = image_pos >= 0
         if guided:
-            guided_lp = L.classifier_free_guidance(cond, logits[B:], sampling.guidance)
+            if sampling.strategy == "cdk":
+                guided_lp = L.cd_k(cond, logits[B:], sampling.cdk_k)
+            else:
+                guided_lp = L.classifier_free_guidance(cond, logits[B:], sampling.guidance)
             cond = torch.where(in_image[:, None], guided_lp, cond.log_softmax(-1))
         room = torch.full((B,), max_new_tokens - t, dtype=torch.long)
         mask = L.allowed_tokens(image_pos, room, text_vocab_size=tokenizer.text_vocab_size,

@@ -63,6 +63,15 @@ def contrastive_filter(logits: Tensor, alpha: float) -> Tensor:
     return logits.masked_fill(~keep, NEG_INF)
 
 
+def cd_k(cond: Tensor, uncond: Tensor, k: int) -> Tensor:
+    """CM3Leon's CD-K contrastive decoding (Yu et al. 2023, §3.2, after Li et al. 2023): among the
+    k most likely tokens of the conditional model, score log p_cond − log p_uncond; all other
+    tokens get -inf. The unconditional stream plays the "amateur"."""
+    cond_lp, uncond_lp = cond.float().log_softmax(-1), uncond.float().log_softmax(-1)
+    keep = torch.isfinite(top_k_filter(cond_lp, k))
+    return (cond_lp - uncond_lp).masked_fill(~keep, NEG_INF)
+
+
 def allowed_tokens(image_pos: Tensor, room: Tensor, *, text_vocab_size: int, vocab_size: int,
                    image_tokens: int, allow_text: bool = True, allow_image: bool = True) -> Tensor:
     """Chameleon-style modality constraints as a (B, V) bool mask of the tokens each row may draw.

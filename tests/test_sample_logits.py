@@ -88,3 +88,11 @@ def test_random_draws_under_the_mask_never_violate_the_constraints():
 def test_greedy_sampling_takes_the_argmax():
     x = torch.randn(4, V)
     assert torch.equal(L.sample_token(x, 0.0, None), x.argmax(-1))
+
+
+def test_cd_k_scores_only_the_conditional_top_k_by_contrast():
+    cond = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    uncond = torch.log(torch.tensor([[0.7, 0.1, 0.1, 0.1]]))
+    out = L.cd_k(cond, uncond, 2)
+    assert torch.isfinite(out).tolist() == [[True, True, False, False]]
+    assert out.argmax(-1).item() == 1  # token 1 gains most from the condition

@@ -1,0 +1,5 @@
+import sys
+
+from sample.cli import main
+
+sys.exit(main())

@@ -1,0 +1,150 @@
+"""The public sampling API: load a checkpoint folder, generate documents from prompt documents.
+
+    from sample.api import MultimodalModel
+    mm = MultimodalModel.from_pretrained("runs/default")
+    docs = mm.generate(["a small red circle in the top left"], next="image", n=4, seed=0)
+    docs[0].images[0].save("circle.png")
+
+Prompts are documents: a list of text strings and PIL images (or a `Document`). The result of
+each sample is a Document holding only the new segments. `on_token(sample, token_id)` streams
+every drawn token; `on_image(sample, image)` every image as soon as its last code is drawn.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
+
+import torch
+from PIL import Image
+
+from model.checkpoint import load_pretrained
+from model.transformer import Transformer
+from sample.generate import SamplingConfig, generate_ids, image_state
+from tokenizers_mm import special
+from tokenizers_mm.document import Document, Segment
+from tokenizers_mm.multimodal import MultimodalTokenizer
+
+Next = Literal["auto", "image", "text"]
+
+
+@dataclass
+class Generation:
+    """What `MultimodalModel.generate` returns for one sample."""
+
+    document: Document  # the new segments only
+    ids: list[int]  # the new token ids
+    prompt_ids: list[int] = field(default_factory=list)  # the prompt as the model saw it
+
+
+class MultimodalModel:
+    """A trained model and its tokenizer, ready to sample."""
+
+    def __init__(self, model: Transformer, tokenizer: MultimodalTokenizer) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu") -> "MultimodalModel":
+        """Load a model folder or a run folder's newest checkpoint (see model/checkpoint.py)."""
+        loaded = load_pretrained(path, device=device)
+        return cls(loaded.model, loaded.tokenizer)
+
+    @property
+    def context(self) -> int:
+        return self.model.config.block_size
+
+    def prompt_ids(self, prompt: Document | Sequence[Segment] | str, next: Next = "auto") -> list[int]:
+        """<bos> + the prompt's segments (no <eos>), + <boi> when the next segment is an image."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        doc = prompt if isinstance(prompt, Document) else Document(list(prompt))
+        ids = self.tokenizer.encode(doc, bos=True, eos=False)
+        if next == "image" and image_state(ids, self.tokenizer.image_tokens) < 0:
+            ids.append(special.BOI_ID)
+        return ids
+
+    def _fit(self, ids: list[int], new_tokens: int) -> list[int]:
+        """Trim a prompt from the left (keeping <bos>, never cutting inside an image) so that
+        prompt + new_tokens fit the context; warn when anything is dropped."""
+        budget = self.context - new_tokens
+        if budget < 2:
+            raise ValueError(f"max_new_tokens={new_tokens} leaves no room for a prompt in the "
+                             f"model's context of {self.context} tokens")
+        if len(ids) <= budget:
+            return ids
+        cut = len(ids) - (budget - 1)
+        body = ids[cut:]
+        # never start inside an image: skip to just after the next <eoi> if we cut into one
+        if special.EOI_ID in body and (special.BOI_ID not in body or body.index(special.EOI_ID) < body.index(special.BOI_ID)):
+            body = body[body.index(special.EOI_ID) + 1 :]
+        warnings.warn(f"prompt of {len(ids)} tokens trimmed from the left to {len(body) + 1} to fit the "
+                      f"context of {self.context} with {new_tokens} new tokens", stacklevel=3)
+        return [special.BOS_ID, *body]
+
+    @torch.no_grad()
+    def generate(self, prompt: Document | Sequence[Segment] | str, *, n: int = 1, next: Next = "auto",
+                 max_new_tokens: int | None = None, sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+                 on_token: Callable[[int, int], None] | None = None,
+                 on_image: Callable[[int, Image.Image], None] | None = None) -> list[Generation]:
+        """Sample n continuations of a prompt document.
+
+        next: "image" draws exactly one image; "text" writes text until the model ends it (at
+        <eos> or where it would begin an image); "auto" continues freely, interleaving text and
+        images, until <eos> or max_new_tokens.
+        """
+        if n < 1 or n > 256:
+            raise ValueError(f"n must be between 1 and 256, got {n}")
+        if next not in ("auto", "image", "text"):
+            raise ValueError(f"next must be 'auto', 'image' or 'text', got {next!r}")
+        tok = self.tokenizer
+        if max_new_tokens is None:
+            max_new_tokens = tok.image_tokens + 1 if next == "image" else (64 if next == "text" else 4 * (tok.image_tokens + 2) + 64)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+        ids = self._fit(self.prompt_ids(prompt, next), max_new_tokens)
+        if len(ids) <= 1 and next == "text":
+            raise ValueError("the prompt is empty: give some text or an image to continue from")
+        # the guidance stream sees no prompt content, as a caption-dropped training sequence
+        uncond = [special.BOS_ID] + ([special.BOI_ID] if ids[-1] == special.BOI_ID else [])
+        images_done: dict[int, list[int]] = {}
+
+        def stream(row: int, token: int) -> None:
+            if on_token is not None:
+                on_token(row, token)
+            if on_image is not None:
+                cur = images_done.setdefault(row, [])
+                cur.append(token)
+                if token == special.EOI_ID:
+                    full = ids + cur
+                    start = max(i for i, t in enumerate(full) if t == special.BOI_ID)
+                    codes = [c - tok.image_offset for c in full[start + 1 : start + 1 + tok.image_tokens]]
+                    on_image(row, tok.decode_images([codes])[0])
+
+        new = generate_ids(
+            self.model, tok, [ids] * n, max_new_tokens=max_new_tokens, sampling=sampling,
+            uncond_prompts=[uncond] * n if sampling.needs_uncond else None,
+            stop_after_images=1 if next == "image" else None, allow_image=next != "text",
+            seed=seed, on_token=stream if (on_token or on_image) else None)
+        out = []
+        for row in new:
+            row = [t for t in row if t != special.PAD_ID]
+            full = (ids[-1:] if ids[-1] == special.BOI_ID else []) + row  # an open <boi> belongs to the new image
+            out.append(Generation(tok.decode(full), row, ids))
+        return out
+
+    def text_to_image(self, text: str, *, n: int = 1, guidance: float = 3.0, temperature: float = 1.0,
+                      top_k: int | None = None, seed: int = 0) -> list[Image.Image]:
+        """n images for a caption (guidance 3 by default: CM3Leon found scales around 3 best)."""
+        if not text.strip():
+            raise ValueError("the caption is empty")
+        s = SamplingConfig(guidance=guidance, image_temperature=temperature, image_top_k=top_k)
+        return [g.document.images[0] for g in self.generate([text], n=n, next="image", sampling=s, seed=seed)]
+
+    def caption(self, image: Image.Image, *, n: int = 1, temperature: float = 0.0, seed: int = 0,
+                max_new_tokens: int = 32) -> list[str]:
+        """n captions for an image (greedy by default)."""
+        s = SamplingConfig(temperature=temperature)
+        gens = self.generate([image], n=n, next="text", sampling=s, seed=seed, max_new_tokens=max_new_tokens)
+        return [" ".join(g.document.texts).strip() for g in gens]

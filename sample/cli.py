@@ -1,0 +1,124 @@
+"""`python -m sample`: command lines for scripts.
+
+    python -m sample generate --ckpt runs/default --prompt "a small red circle in the top left" \\
+        [--image in.png ...] [--next image|text|auto] --n 4 --seed 0 --out OUT
+
+`<image>` in the prompt stands for the next --image file (images without a placeholder follow the
+text). Writes OUT/sample<i>_<j>.png, OUT/result.json (each sample a list of segments
+{"text": ...} or {"image": "relative/path.png"}) and OUT/index.html showing the result.
+Exit codes: 0 ok, 2 bad input (with a message naming what was wrong).
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from tokenizers_mm.document import Segment
+from tokenizers_mm.images import load_image
+
+
+def parse_prompt(text: str, image_paths: list[str], size: int) -> list[Segment]:
+    """Split the prompt at each `<image>` and put the next image file there."""
+    images = [load_image(p, size) for p in image_paths]
+    parts = text.split("<image>")
+    if len(parts) - 1 > len(images):
+        raise ValueError(f"the prompt has {len(parts) - 1} <image> placeholders but only {len(images)} --image files")
+    segments: list[Segment] = []
+    for i, part in enumerate(parts):
+        if part.strip():
+            segments.append(part.strip() if i else part.rstrip())
+        if i < len(parts) - 1:
+            segments.append(images[i])
+    segments.extend(images[len(parts) - 1 :])
+    if not segments:
+        raise ValueError("the prompt is empty: give --prompt text and/or --image files")
+    return segments
+
+
+def write_result(out: Path, prompt: list[Segment], samples: list[list[Segment]]) -> dict:
+    """PNG files, result.json and index.html for the samples."""
+    out.mkdir(parents=True, exist_ok=True)
+
+    def dump(segs: list[Segment], stem: str) -> list[dict]:
+        items = []
+        for j, seg in enumerate(segs):
+            if isinstance(seg, str):
+                items.append({"text": seg})
+            else:
+                name = f"{stem}_{j}.png"
+                seg.save(out / name)
+                items.append({"image": name})
+        return items
+
+    result = {"prompt": dump(prompt, "prompt"), "samples": [dump(s, f"sample{i}") for i, s in enumerate(samples)]}
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+
+    def render(items: list[dict]) -> str:
+        return " ".join(f"<span>{html.escape(x['text'])}</span>" if "text" in x
+                        else f'<img src="{x["image"]}" width="128" style="image-rendering:pixelated">' for x in items)
+
+    rows = "\n".join(f"<tr><td>{i}</td><td>{render(s)}</td></tr>" for i, s in enumerate(result["samples"]))
+    (out / "index.html").write_text(
+        "<!doctype html><meta charset='utf-8'><title>samples</title>"
+        "<style>body{font-family:sans-serif}td{padding:6px;vertical-align:middle}span{margin:0 6px}</style>"
+        f"<h3>prompt</h3><p>{render(result['prompt'])}</p><h3>samples</h3><table>{rows}</table>")
+    return result
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from sample.api import MultimodalModel
+    from sample.generate import SamplingConfig
+
+    if not 1 <= args.n <= 256:
+        raise ValueError(f"--n must be between 1 and 256, got {args.n}")
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              repetition_penalty=args.repetition_penalty, image_temperature=args.image_temperature,
+                              image_top_k=args.image_top_k, guidance=args.guidance, strategy=args.strategy)
+    mm = MultimodalModel.from_pretrained(args.ckpt)
+    prompt = parse_prompt(args.prompt or "", args.image or [], mm.tokenizer.image_size)
+    gens = mm.generate(prompt, n=args.n, next=args.next, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                       seed=args.seed)
+    result = write_result(Path(args.out), prompt, [g.document.segments for g in gens])
+    for i, s in enumerate(result["samples"]):
+        print(f"sample {i}: " + " ".join(x.get("text", f"[{x.get('image')}]") for x in s))
+    print(f"wrote {args.out}/result.json and {args.out}/index.html")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="sample text, images or interleaved documents from a prompt")
+    g.add_argument("--ckpt", default="runs/default", help="a run folder or a checkpoint folder")
+    g.add_argument("--prompt", default="", help="prompt text; <image> marks where the next --image goes")
+    g.add_argument("--image", action="append", help="an image file of the prompt (repeatable)")
+    g.add_argument("--next", default="auto", choices=["auto", "image", "text"], help="what to generate next")
+    g.add_argument("--n", type=int, default=4, help="number of samples")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", default="samples_out", help="output folder")
+    g.add_argument("--max-new-tokens", type=int, default=None)
+    g.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale for images (1 = off)")
+    g.add_argument("--strategy", default="sample", choices=["sample", "cdk"], help="image decoding: guided sampling or CD-K")
+    g.add_argument("--temperature", type=float, default=0.7, help="text temperature (0 = greedy)")
+    g.add_argument("--top-k", type=int, default=None, help="text top-k")
+    g.add_argument("--top-p", type=float, default=0.9, help="text nucleus")
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--image-temperature", type=float, default=1.0)
+    g.add_argument("--image-top-k", type=int, default=None)
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            return args.func(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
