@@ -1,0 +1,232 @@
+"""Zero-shot classification by Bayes' rule from the model's own token likelihoods.
+
+Two directions, and their combination:
+- "image" (generative, analysis by synthesis): log p(x | c) = Σ log p(code_i | <bos> caption_c <boi> code_<i);
+  posterior p(c | x) ∝ p(c) · p(x | c).
+- "text": log p(caption_c | x) = Σ log p(tok | <bos> <boi> codes <eoi> caption_<) including <eos>.
+- "both": the sum of the two log-scores, then the prior.
+
+Efficiency: every class prompt is prefilled once and its KV cache repeated along the batch for
+all images (`cache_state` / `load_cache_state`), and in the text direction each image's prefix is
+prefilled once and shared by all class captions. `naive_scores` is the per-class, per-image
+loop of full forward passes that the cached path must agree with (tests, `make bench`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from model.transformer import CacheState, Transformer
+from sample.bayes import check_prior, ensemble_templates, posterior
+from sample.generate import left_pad
+from tokenizers_mm import special
+from tokenizers_mm.multimodal import MultimodalTokenizer
+
+Mode = Literal["image", "text", "both"]
+
+
+@dataclass
+class Classification:
+    """Posteriors and scores for N images over C labels."""
+
+    labels: list[str]
+    posterior: Tensor  # (N, C) float64, rows sum to one
+    loglik: Tensor  # (N, C) the log-score the posterior came from (template-ensembled)
+    image_loglik: Tensor | None  # (N, C) log p(x | c), if computed
+    text_loglik: Tensor | None  # (N, C) log p(caption_c | x), if computed
+    mode: str
+
+    @property
+    def predictions(self) -> list[str]:
+        return [self.labels[i] for i in self.posterior.argmax(-1).tolist()]
+
+
+def check_labels(labels: Sequence[str], templates: Sequence[str]) -> None:
+    """ValueError for no labels, one label, duplicates, empty labels, or a template without {}."""
+    if len(labels) == 0:
+        raise ValueError("no labels given: pass at least two class names")
+    if len(labels) == 1:
+        raise ValueError(f"only one label ({labels[0]!r}): classification needs at least two")
+    dupes = sorted({l for l in labels if list(labels).count(l) > 1})
+    if dupes:
+        raise ValueError(f"duplicate labels: {dupes}")
+    if any(not l.strip() for l in labels):
+        raise ValueError("a label is empty")
+    if not templates:
+        raise ValueError("no prompt template given, e.g. 'a handwritten digit {}'")
+    for t in templates:
+        if "{}" not in t:
+            raise ValueError(f"template {t!r} has no {{}} where the label goes, e.g. 'a handwritten digit {{}}'")
+
+
+def _autocast(enabled: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
+@torch.no_grad()
+def _prefill(model: Transformer, prompts: list[list[int]], max_batch: int, extra: int, bf16: bool) -> tuple[CacheState, Tensor, Tensor]:
+    """Prefill left-padded prompts once; returns their cache snapshot, last logits (P, V) float32
+    and key validity (P, Lp)."""
+    ids, valid = left_pad(prompts)
+    P, Lp = ids.shape
+    model.setup_caches(max(max_batch, P), Lp + extra)
+    key_valid = torch.ones(P, Lp + extra, dtype=torch.bool)
+    key_valid[:, :Lp] = valid
+    with _autocast(bf16):
+        last = model.forward_cached(ids, torch.arange(Lp), key_valid=key_valid)[:, -1].float()
+    return model.cache_state(P, Lp), last, key_valid
+
+
+@torch.no_grad()
+def _continue_logp(model: Transformer, state: CacheState, first_logits: Tensor, key_valid: Tensor,
+                   rows: Tensor, targets: Tensor, bf16: bool) -> Tensor:
+    """For cache rows `rows` (R,) of the snapshot, the log-probability of each target sequence
+    (R, L) continuing that prompt: (R, L) float32. Targets equal to -1 are padding (logp 0)."""
+    R, L = targets.shape
+    sub = CacheState([k[rows] for k in state.keys], [v[rows] for v in state.values])
+    model.load_cache_state(sub)
+    Lp = state.length
+    safe = targets.clamp(min=0)
+    lp_first = first_logits[rows].log_softmax(-1).gather(-1, safe[:, :1])  # (R, 1)
+    if L > 1:
+        with _autocast(bf16):
+            logits = model.forward_cached(safe[:, :-1], torch.arange(Lp, Lp + L - 1), key_valid=key_valid[rows]).float()
+        lp_rest = logits.log_softmax(-1).gather(-1, safe[:, 1:, None]).squeeze(-1)
+        lp = torch.cat([lp_first, lp_rest], dim=1)
+    else:
+        lp = lp_first
+    return lp.masked_fill(targets < 0, 0.0)
+
+
+def image_codes(tokenizer: MultimodalTokenizer, images: Sequence[Image.Image] | Tensor) -> Tensor:
+    """PIL images or precomputed codes (N, G) -> image ids (N, G) (codes + image_offset)."""
+    if isinstance(images, Tensor):
+        codes = images.long()
+    else:
+        codes = tokenizer.encode_images(list(images))
+    return codes + tokenizer.image_offset
+
+
+@torch.no_grad()
+def image_loglik(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequence[Image.Image] | Tensor,
+                 captions: Sequence[str], *, batch_rows: int = 160, bf16: bool = True,
+                 prune_after: int | None = None, keep: int = 3) -> Tensor:
+    """log p(x | caption_c) for every image and caption: (N, C).
+
+    prune_after=K: score the first K codes under every caption, then finish only the `keep` best
+    captions per image; pruned captions get -inf (their exact score is not computed).
+    """
+    x = image_codes(tokenizer, images)  # (N, G)
+    N, G = x.shape
+    C = len(captions)
+    prompts = [[special.BOS_ID, *tokenizer.encode_text(c), special.BOI_ID] for c in captions]
+    state, first, key_valid = _prefill(model, prompts, batch_rows, G, bf16)
+    per_chunk = max(1, batch_rows // C)
+
+    def score(pairs_img: Tensor, pairs_cls: Tensor, upto: int) -> Tensor:
+        out = []
+        for i in range(0, len(pairs_img), batch_rows):
+            pi, pc = pairs_img[i : i + batch_rows], pairs_cls[i : i + batch_rows]
+            out.append(_continue_logp(model, state, first, key_valid, pc, x[pi, :upto], bf16).sum(-1))
+        return torch.cat(out) if out else torch.zeros(0)
+
+    result = torch.full((N, C), float("-inf"))
+    try:
+        if prune_after is None or keep >= C:
+            for j in range(0, N, per_chunk):
+                n = min(per_chunk, N - j)
+                imgs = torch.arange(j, j + n).repeat_interleave(C)
+                cls = torch.arange(C).repeat(n)
+                result[j : j + n] = score(imgs, cls, G).view(n, C)
+        else:
+            imgs = torch.arange(N).repeat_interleave(C)
+            cls = torch.arange(C).repeat(N)
+            partial = score(imgs, cls, min(prune_after, G)).view(N, C)
+            best = partial.topk(keep, dim=-1).indices  # (N, keep)
+            imgs = torch.arange(N).repeat_interleave(keep)
+            full = score(imgs, best.flatten(), G).view(N, keep)
+            result.scatter_(1, best, full)
+    finally:
+        model.clear_caches()
+    return result
+
+
+@torch.no_grad()
+def text_loglik(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequence[Image.Image] | Tensor,
+                captions: Sequence[str], *, batch_rows: int = 160, bf16: bool = True) -> Tensor:
+    """log p(caption_c <eos> | image) for every image and caption: (N, C). Each image's prefix
+    `<bos> <boi> codes <eoi>` is prefilled once and shared by all captions."""
+    x = image_codes(tokenizer, images)
+    N, G = x.shape
+    C = len(captions)
+    caps = [tokenizer.encode_text(c) + [special.EOS_ID] for c in captions]
+    Lc = max(len(c) for c in caps)
+    targets = torch.full((C, Lc), -1, dtype=torch.long)
+    for i, c in enumerate(caps):
+        targets[i, : len(c)] = torch.tensor(c)
+    per_chunk = max(1, batch_rows // C)
+    result = torch.empty(N, C)
+    try:
+        for j in range(0, N, per_chunk):
+            n = min(per_chunk, N - j)
+            prefixes = [[special.BOS_ID, special.BOI_ID, *x[i].tolist(), special.EOI_ID] for i in range(j, j + n)]
+            state, first, key_valid = _prefill(model, prefixes, n * C, Lc, bf16)
+            rows = torch.arange(n).repeat_interleave(C)
+            result[j : j + n] = _continue_logp(model, state, first, key_valid, rows, targets.repeat(n, 1), bf16).sum(-1).view(n, C)
+    finally:
+        model.clear_caches()
+    return result
+
+
+def classify(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequence[Image.Image] | Tensor,
+             labels: Sequence[str], templates: Sequence[str] = ("{}",), *, prior: Sequence[float] | Tensor | None = None,
+             mode: Mode = "both", bf16: bool = True, prune_after: int | None = None, keep: int = 3) -> Classification:
+    """Posterior over `labels` for each image by Bayes' rule.
+
+    templates: prompt templates with {} for the label; their likelihoods are combined by
+    log-mean-exp (see sample.bayes.ensemble_templates). mode: "image" uses p(x|c), "text" uses
+    p(caption_c|x), "both" adds the two log-scores. prior: None (uniform) or C probabilities.
+    """
+    labels = list(labels)
+    check_labels(labels, templates)
+    if mode not in ("image", "text", "both"):
+        raise ValueError(f"mode must be 'image', 'text' or 'both', got {mode!r}")
+    p = check_prior(prior, len(labels))
+    codes = image_codes(tokenizer, images) - tokenizer.image_offset  # encode once for every template
+    img_ll = txt_ll = None
+    if mode in ("image", "both"):
+        img_ll = ensemble_templates(torch.stack([
+            image_loglik(model, tokenizer, codes, [t.format(l) for l in labels], bf16=bf16,
+                         prune_after=prune_after, keep=keep) for t in templates]))
+    if mode in ("text", "both"):
+        txt_ll = ensemble_templates(torch.stack([
+            text_loglik(model, tokenizer, codes, [t.format(l) for l in labels], bf16=bf16) for t in templates]))
+    score = img_ll if txt_ll is None else txt_ll if img_ll is None else img_ll + txt_ll
+    return Classification(labels, posterior(score, p), score, img_ll, txt_ll, mode)
+
+
+@torch.no_grad()
+def naive_scores(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequence[Image.Image] | Tensor,
+                 captions: Sequence[str], direction: Literal["image", "text"] = "image", bf16: bool = False) -> Tensor:
+    """The reference: one full forward pass per (image, caption) pair, no cache, no batching."""
+    x = image_codes(tokenizer, images)
+    out = torch.empty(len(x), len(captions))
+    for j in range(len(x)):
+        for c, cap in enumerate(captions):
+            text = tokenizer.encode_text(cap)
+            if direction == "image":
+                seq = [special.BOS_ID, *text, special.BOI_ID, *x[j].tolist()]
+                start = len(text) + 2
+            else:
+                seq = [special.BOS_ID, special.BOI_ID, *x[j].tolist(), special.EOI_ID, *text, special.EOS_ID]
+                start = len(seq) - len(text) - 1
+            ids = torch.tensor([seq])
+            with _autocast(bf16):
+                logits = model(ids).float()
+            lp = logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+            out[j, c] = lp[start - 1 :].sum()
+    return out

@@ -1,0 +1,105 @@
+"""Bayes-rule classification: the math, and cached/batched scores equal to the naive loop."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import Transformer, preset
+from sample.bayes import check_prior, em_prior, ensemble_templates, expected_calibration_error, posterior
+from sample.classify import check_labels, classify, image_loglik, naive_scores, text_loglik
+
+
+def test_posteriors_sum_to_one_and_follow_the_likelihoods():
+    ll = torch.randn(5, 4) * 10
+    p = posterior(ll)
+    assert torch.allclose(p.sum(-1), torch.ones(5, dtype=torch.float64))
+    assert torch.equal(p.argmax(-1), ll.argmax(-1))
+
+
+def test_the_prior_acts_as_bayes_rule_says():
+    ll = torch.tensor([[0.0, 0.0], [0.0, 1.0]])
+    p = posterior(ll, torch.tensor([0.8, 0.2]))
+    assert torch.allclose(p[0], torch.tensor([0.8, 0.2], dtype=torch.float64))
+    odds = p[1, 1] / p[1, 0]  # posterior odds = prior odds × likelihood ratio
+    assert abs(odds.item() - (0.2 / 0.8) * torch.e) < 1e-9
+
+
+@pytest.mark.parametrize("prior,message", [([0.5, 0.5], "2 values but there are 3"), ([0.5, 0.6, -0.1], "non-negative"),
+                                           ([0.2, 0.2, 0.2], "sum to 1")])
+def test_bad_priors_are_refused(prior, message):
+    with pytest.raises(ValueError, match=message):
+        check_prior(prior, 3)
+
+
+def test_template_ensemble_is_log_mean_exp():
+    ll = torch.log(torch.tensor([[[0.2, 0.4]], [[0.6, 0.0001]]]))
+    out = ensemble_templates(ll)
+    assert torch.allclose(out.exp(), torch.tensor([[0.4, 0.20005]]), atol=1e-6)
+
+
+def test_em_recovers_a_skewed_prior():
+    torch.manual_seed(0)
+    labels = torch.cat([torch.zeros(800), torch.ones(200)]).long()
+    means = torch.tensor([0.0, 1.5])
+    x = means[labels] + torch.randn(1000)  # x | c ~ N(mean_c, 1): exact Gaussian log-likelihoods below
+    ll = -0.5 * (x[:, None] - means[None]) ** 2
+    est = em_prior(ll)
+    assert abs(est[0].item() - 0.8) < 0.06
+
+
+def test_ece_is_zero_for_perfectly_calibrated_confident_predictions_and_positive_otherwise():
+    probs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert expected_calibration_error(probs, torch.tensor([0, 1])) == 0.0
+    assert expected_calibration_error(probs, torch.tensor([1, 1])) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("labels,templates,message", [
+    ([], ["{}"], "no labels"), (["one"], ["{}"], "only one label"), (["a", "b", "a"], ["{}"], "duplicate"),
+    (["a", "b"], ["a digit"], "has no {}")])
+def test_bad_labels_and_templates_are_refused(labels, templates, message):
+    with pytest.raises(ValueError, match=message):
+        check_labels(labels, templates)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_tokenizer):
+    torch.manual_seed(0)
+    return Transformer(preset("tiny", vocab_size=tiny_tokenizer.vocab_size, block_size=128)).eval()
+
+
+@pytest.fixture(scope="module")
+def codes(tiny_tokenizer):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, tiny_tokenizer.layout.codebook_size, (5, tiny_tokenizer.image_tokens), generator=g)
+
+
+CAPTIONS = ["a handwritten digit one", "a red circle", "the number 7 written by hand"]
+
+
+def test_cached_batched_image_scores_equal_the_naive_loop(model, tiny_tokenizer, codes):
+    fast = image_loglik(model, tiny_tokenizer, codes, CAPTIONS, bf16=False, batch_rows=7)
+    slow = naive_scores(model, tiny_tokenizer, codes, CAPTIONS, "image")
+    assert torch.allclose(fast, slow, atol=1e-3)
+
+
+def test_cached_batched_text_scores_equal_the_naive_loop(model, tiny_tokenizer, codes):
+    fast = text_loglik(model, tiny_tokenizer, codes, CAPTIONS, bf16=False, batch_rows=7)
+    slow = naive_scores(model, tiny_tokenizer, codes, CAPTIONS, "text")
+    assert torch.allclose(fast, slow, atol=1e-3)
+
+
+def test_pruning_keeps_the_exact_scores_of_the_kept_classes(model, tiny_tokenizer, codes):
+    full = image_loglik(model, tiny_tokenizer, codes, CAPTIONS, bf16=False)
+    pruned = image_loglik(model, tiny_tokenizer, codes, CAPTIONS, bf16=False, prune_after=8, keep=2)
+    kept = torch.isfinite(pruned)
+    assert kept.sum(-1).tolist() == [2] * len(codes)
+    assert torch.allclose(pruned[kept], full[kept], atol=1e-4)
+
+
+def test_classify_combines_directions_and_templates(model, tiny_tokenizer, codes):
+    out = classify(model, tiny_tokenizer, codes, ["one", "two"], ["a handwritten digit {}", "the number {}"],
+                   mode="both", bf16=False)
+    assert out.posterior.shape == (5, 2)
+    assert torch.allclose(out.posterior.sum(-1), torch.ones(5, dtype=torch.float64))
+    assert torch.allclose(out.loglik, out.image_loglik + out.text_loglik)
+    assert len(out.predictions) == 5
