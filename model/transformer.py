@@ -402,7 +402,8 @@ class Transformer(nn.Module):
         same for every row. Writes their keys/values into the cache at input_pos and attends
         causally to every cached position <= each token's own (positions beyond max(input_pos)
         are never read, so stale rows from earlier prompts are harmless). Returns logits (B, T, V).
-        One host sync (max(input_pos)) bounds attention to the filled prefix.
+        One host sync (max(input_pos)) bounds attention to the filled prefix. Inference only: call
+        it under torch.no_grad() or torch.inference_mode() (the cache is written in place).
         key_valid: optional (B, >= kv_len) bool, False for cache positions no query may see (the
           left padding of prompts of different lengths batched together). With rotary positions
           only relative distances enter attention, so a left-padded row attends as it would alone.

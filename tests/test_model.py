@@ -36,11 +36,6 @@ def make_model(seed: int = 0, **overrides) -> Transformer:
     return model
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    torch.set_num_threads(1)  # the machine is shared; tiny shapes gain nothing from threads
-
-
 # ---- cached decoding -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -54,6 +49,32 @@ def test_cached_decoding_matches_full_forward(variant):
         for t in range(10, 24):  # one token at a time
             steps.append(model.forward_cached(idx[:, t:t + 1], torch.tensor([t])))
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_bf16_cache_under_autocast_decodes_close_to_the_full_forward():
+    model = make_model()
+    idx = torch.randint(0, VOCAB, (3, 20))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(idx).float()
+        model.setup_caches(3, 20, dtype=torch.bfloat16)
+        steps = [model.forward_cached(idx[:, :8], torch.arange(8))]
+        steps += [model.forward_cached(idx[:, t:t + 1], torch.tensor([t])) for t in range(8, 20)]
+    cached = torch.cat(steps, dim=1).float()
+    assert (cached.argmax(-1) == full.argmax(-1)).float().mean() > 0.9
+    torch.testing.assert_close(cached, full, atol=0.1, rtol=0.05)
+
+
+def test_left_padded_prompt_decodes_as_it_would_alone():
+    model = make_model()
+    short, long = torch.randint(0, VOCAB, (1, 5)), torch.randint(0, VOCAB, (1, 9))
+    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], dim=1), long])
+    key_valid = torch.ones(2, 16, dtype=torch.bool)
+    key_valid[0, :4] = False  # the padding of the short prompt
+    with torch.no_grad():
+        model.setup_caches(2, 16)
+        batched = model.forward_cached(batch, torch.arange(9), key_valid=key_valid)
+        alone = model(short)
+    torch.testing.assert_close(batched[0, 4:], alone[0], atol=1e-5, rtol=0)
 
 
 def test_a_second_prompt_overwrites_the_cache_without_seeing_stale_positions():
