@@ -174,7 +174,8 @@ class Attention(nn.Module):
 
     def forward_cached(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
                        mask: Tensor, kv_len: int) -> Tensor:
-        """Cached decoding: x (B, T, dim) at positions input_pos (T,); mask (T, kv_len) bool."""
+        """Cached decoding: x (B, T, dim) at positions input_pos (T,); mask (T, kv_len) or
+        (B, 1, T, kv_len) bool, True = may attend."""
         assert self.kv_cache is not None, "setup_caches() must run before forward_cached()"
         q, k, v = self._qkv(x, cos, sin)
         k, v = self.kv_cache.update(input_pos, k, v, kv_len)
