@@ -45,8 +45,10 @@ class VQConfig:
 
     image_size: int = 32  # side of the square RGB input in pixels
     f: int = 4  # downsample factor, a power of 2: the code grid is image_size // f per side
-    channels: int = 64  # conv width at full resolution; level i uses channels * channel_mult[i]
-    channel_mult: tuple[int, ...] = (1, 2, 2)  # one entry per resolution level: log2(f) + 1 levels
+    channels: int = 32  # conv width at full resolution; level i uses channels * channel_mult[i]
+    # one entry per resolution level (log2(f) + 1 levels); width grows as resolution falls, because
+    # full-resolution convs dominate the CPU step time (measured: 64@32² cost 1.8× 32@32² per step)
+    channel_mult: tuple[int, ...] = (1, 2, 4)
     num_res_blocks: int = 1  # residual blocks per resolution level (encoder and decoder each)
     num_groups: int = 8  # GroupNorm groups; must divide every level's width
     latent_dim: int = 64  # width of the encoder output / decoder input (`dim` of VectorQuantize)
@@ -129,15 +131,16 @@ class VQConfig:
 
 # Named presets. Param counts are for the whole VQVAE (encoder + decoder + codebook projections).
 VQ_PRESETS: dict[str, VQConfig] = {
-    # tests only: trains in a few seconds; ~60k params
+    # tests only: trains in a few seconds; 81k params
     "tiny": VQConfig(image_size=32, f=4, channels=16, channel_mult=(1, 1, 2), num_res_blocks=1, num_groups=4,
                      latent_dim=16, codebook_size=64, codebook_dim=16),
-    # the CPU default: 32×32 RGB -> 8×8 codes from 512; calibrated for `make tokenize` (see train/vq.py)
+    # the CPU default: 32×32 RGB -> 8×8 codes from 512; 1.10M params; calibrated for `make tokenize`
+    # (train/vq.py VQ_TRAIN_SETTINGS: ~140 s on one core for ≥ 32 dB shapes / 35 dB digits)
     "default": VQConfig(),
-    # GPU: 64×64 -> 8×8 codes (f=8) from 1024; ~2.5M params
+    # GPU: 64×64 -> 8×8 codes (f=8) from 1024; 9.1M params
     "64px": VQConfig(image_size=64, f=8, channels=64, channel_mult=(1, 2, 2, 4), num_res_blocks=2,
                      num_groups=32, latent_dim=128, codebook_size=1024, codebook_dim=64, decay=0.99),
-    # GPU: 128×128 -> 16×16 codes (f=8) from 4096; ~9M params
+    # GPU: 128×128 -> 16×16 codes (f=8) from 4096; 31.6M params
     "128px": VQConfig(image_size=128, f=8, channels=128, channel_mult=(1, 1, 2, 4), num_res_blocks=2,
                       num_groups=32, latent_dim=256, codebook_size=4096, codebook_dim=64, decay=0.99),
 }
