@@ -89,6 +89,57 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_labels(spec: str) -> list[str]:
+    """Labels from "a,b,c" or from a file (one per line, or comma-separated) given as @path or a path."""
+    path = Path(spec[1:] if spec.startswith("@") else spec)
+    if spec.startswith("@") or (path.suffix in (".txt", ".csv") and path.is_file()):
+        if not path.is_file():
+            raise ValueError(f"label file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+        items = text.replace(",", "\n").splitlines()
+    else:
+        items = spec.split(",")
+    return [x.strip() for x in items if x.strip()]
+
+
+def parse_prior(spec: str | None, num_labels: int) -> list[float] | None:
+    if spec is None:
+        return None
+    try:
+        values = [float(x) for x in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--prior must be comma-separated numbers, got {spec!r}") from None
+    if len(values) != num_labels:
+        raise ValueError(f"--prior has {len(values)} values but there are {num_labels} labels")
+    return values
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from sample.api import MultimodalModel
+    from sample.bayes import check_prior
+    from sample.classify import check_labels, classify
+
+    labels = read_labels(args.labels)
+    templates = args.template or ["{}"]
+    check_labels(labels, templates)
+    prior = parse_prior(args.prior, len(labels))
+    check_prior(prior, len(labels))
+    if not args.images:
+        raise ValueError("no --images given")
+    mm = MultimodalModel.from_pretrained(args.ckpt)
+    images = [load_image(p, mm.tokenizer.image_size) for p in args.images]
+    out = classify(mm.model, mm.tokenizer, images, labels, templates, prior=prior, mode=args.mode)
+    for i, path in enumerate(args.images):
+        post = {l: round(float(p), 6) for l, p in zip(labels, out.posterior[i])}
+        ll = {l: round(float(v), 4) for l, v in zip(labels, out.loglik[i])}
+        if args.json:
+            print(json.dumps({"image": path, "prediction": out.predictions[i], "posterior": post, "loglik": ll}))
+        else:
+            top = sorted(post.items(), key=lambda kv: -kv[1])[:3]
+            print(f"{path}\t{out.predictions[i]}\t" + "  ".join(f"{l}={p:.3f}" for l, p in top))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -110,6 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-temperature", type=float, default=1.0)
     g.add_argument("--image-top-k", type=int, default=None)
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("classify", help="zero-shot classification by Bayes' rule")
+    c.add_argument("--ckpt", default="runs/default", help="a run folder or a checkpoint folder")
+    c.add_argument("--labels", required=True, help="comma-separated labels, or @file (one per line)")
+    c.add_argument("--template", action="append", help="prompt template with {} (repeatable; ensembled)")
+    c.add_argument("--images", nargs="+", required=True, help="image files")
+    c.add_argument("--prior", default=None, help="comma-separated prior probabilities, one per label")
+    c.add_argument("--mode", default="both", choices=["both", "image", "text"],
+                   help="both: p(x|c)·p(caption|x) (best); image: p(x|c) alone; text: p(caption|x)")
+    c.add_argument("--json", action="store_true", help="one JSON object per image")
+    c.set_defaults(func=cmd_classify)
     return p
 
 

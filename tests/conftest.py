@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,3 +34,32 @@ def tiny_tokenizer():
     with torch.no_grad():
         vq(torch.rand(64, 3, 32, 32) * 2 - 1)  # one pass initialises the codebook (k-means)
     return MultimodalTokenizer(bpe, vq.eval())
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def env() -> dict[str, str]:
+    """Environment for the project's commands run as subprocesses: one thread, repo on the path."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory) -> Path:
+    """`make tokenize PRESET=tiny` into a temporary folder, as a user would run it."""
+    out = tmp_path_factory.mktemp("artifacts")
+    r = subprocess.run(["make", "-s", "tokenize", "PRESET=tiny", f"OUT={out}"], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_artifacts, tmp_path_factory) -> Path:
+    """A tiny model trained for a few steps on the tiny artifacts: a real, loadable run folder."""
+    run = tmp_path_factory.mktemp("run") / "tiny"
+    cmd = [sys.executable, "-m", "train", "--preset", "tiny", "--data", str(tiny_artifacts), "--out", str(run),
+           "--set", "steps=6", "--set", "sample_grid=false", "--set", "eval_every=1000"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run

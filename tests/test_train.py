@@ -16,25 +16,13 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def env() -> dict[str, str]:
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
-    return e
+from conftest import env  # noqa: E402
 
 
 def train_cmd(data: Path, out: Path, *sets: str) -> list[str]:
     base = ["steps=24", "ckpt_every=4", "eval_every=1000", "sample_grid=false", "log_every=4"]
     return [sys.executable, "-m", "train", "--preset", "tiny", "--data", str(data), "--out", str(out),
             *[a for s in (*base, *sets) for a in ("--set", s)]]
-
-
-@pytest.fixture(scope="session")
-def tiny_artifacts(tmp_path_factory) -> Path:
-    """`make tokenize PRESET=tiny` into a temporary folder, as a user would run it."""
-    out = tmp_path_factory.mktemp("artifacts")
-    r = subprocess.run(["make", "-s", "tokenize", "PRESET=tiny", f"OUT={out}"], cwd=ROOT, env=env(),
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return out
 
 
 def test_make_tokenize_tiny_writes_tokenizer_shards_and_report(tiny_artifacts):

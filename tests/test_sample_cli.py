@@ -1,0 +1,98 @@
+"""`python -m sample generate|classify` as a script runs it: outputs, formats, bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import ROOT, env
+
+
+def run(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sample", *args], cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    Image.new("RGB", (32, 32), (230, 25, 25)).save(d / "red.png")
+    Image.new("LA", (50, 20), (128, 200)).save(d / "odd.png")
+    (d / "bad.png").write_bytes(b"not an image")
+    return d
+
+
+def test_generate_writes_images_result_json_and_a_page(tiny_run, images, tmp_path):
+    out = tmp_path / "out"
+    r = run("generate", "--ckpt", str(tiny_run), "--prompt", "a red circle <image> it moves to the right.",
+            "--image", str(images / "red.png"), "--next", "image", "--n", "2", "--seed", "0", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert [list(x) for x in result["prompt"]] == [["text"], ["image"], ["text"]]
+    assert len(result["samples"]) == 2
+    for sample in result["samples"]:
+        assert len(sample) == 1 and "image" in sample[0]
+        assert Image.open(out / sample[0]["image"]).size == (32, 32)
+    assert (out / "index.html").read_text().count("<img") >= 3
+
+
+def test_generate_text_after_an_odd_mode_image(tiny_run, images, tmp_path):
+    r = run("generate", "--ckpt", str(tiny_run), "--image", str(images / "odd.png"), "--next", "text",
+            "--n", "1", "--max-new-tokens", "8", "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    sample = json.loads((tmp_path / "o" / "result.json").read_text())["samples"][0]
+    assert all("text" in x for x in sample)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", ""], "prompt is empty"),
+    (["--prompt", "x <image> <image>", "--image", "IMG"], "placeholders"),
+    (["--prompt", "x", "--n", "0"], "--n must be"),
+    (["--prompt", "x", "--guidance", "-1"], "guidance"),
+    (["--prompt", "x <image>", "--image", "BAD"], "not an image"),
+])
+def test_generate_refuses_bad_input_with_a_message(tiny_run, images, tmp_path, args, message):
+    args = [a.replace("IMG", str(images / "red.png")).replace("BAD", str(images / "bad.png")) for a in args]
+    r = run("generate", "--ckpt", str(tiny_run), "--out", str(tmp_path / "o"), *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_refuses_a_missing_or_incomplete_checkpoint(tiny_run, tmp_path):
+    r = run("generate", "--ckpt", str(tmp_path / "nowhere"), "--prompt", "x")
+    assert r.returncode == 2 and "make tokenize train" in r.stderr
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{}")
+    r = run("generate", "--ckpt", str(tmp_path / "broken"), "--prompt", "x")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_classify_prints_one_json_object_per_image_with_a_normalised_posterior(tiny_run, images, tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("red\ngreen\nblue\n")
+    r = run("classify", "--ckpt", str(tiny_run), "--labels", f"@{labels}", "--template", "a {} square",
+            "--template", "a {} circle", "--images", str(images / "red.png"), str(images / "odd.png"), "--json")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in r.stdout.splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert set(row) == {"image", "prediction", "posterior", "loglik"}
+        assert abs(sum(row["posterior"].values()) - 1) < 1e-4
+        assert row["prediction"] == max(row["posterior"], key=row["posterior"].get)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--labels", "one"], "only one label"), (["--labels", "a,b,a"], "duplicate"),
+    (["--labels", "a,b", "--template", "no slot"], "has no {}"), (["--labels", "a,b", "--prior", "0.5"], "1 values"),
+    (["--labels", "a,b", "--prior", "0.5,0.7"], "sum to 1"), (["--labels", ","], "no labels"),
+])
+def test_classify_refuses_bad_input_with_a_message(tiny_run, images, args, message):
+    r = run("classify", "--ckpt", str(tiny_run), "--images", str(images / "red.png"), *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_classify_refuses_an_unreadable_image(tiny_run, images):
+    r = run("classify", "--ckpt", str(tiny_run), "--labels", "a,b", "--images", str(images / "bad.png"))
+    assert r.returncode == 2 and "bad.png" in r.stderr
