@@ -104,8 +104,11 @@ class RetrieverConfig:
 RETRIEVER_PRESETS: dict[str, dict[str, Any]] = {
     # seconds, for tests
     "tiny": dict(dim=32, channels=8, pixel_pool=2, text_width=32, text_layers=1, text_heads=2, max_text_len=24),
-    # ≤ 60 s of training on this 2-core CPU (train/retriever.py calibrates the optimisation)
-    "default": dict(dim=128, channels=32, pixel_pool=1, text_width=128, text_layers=1, text_heads=4),
+    # ≤ 60 s of training on this 2-core CPU (train/retriever.py calibrates the optimisation). Measured
+    # at 250 steps × 128 pairs, 1 thread, bf16: pixels at 32 px 51 s, shapes attribute-correct@1 0.93;
+    # pixels pooled to 16 px 34 s, 0.93; VQ codes 22 s, 0.81 (0.85 after 600 steps), digits zero-shot
+    # 0.99 / 0.99 / 0.80 — pixels retrieve better and pooling costs nothing here.
+    "default": dict(dim=128, channels=32, pixel_pool=2, text_width=128, text_layers=1, text_heads=4),
 }
 
 
