@@ -68,7 +68,8 @@ def test_default_preset_maps_32px_rgb_to_8x8_codes_from_512():
 
 
 @pytest.mark.parametrize("bad", [dict(f=3), dict(image_size=30), dict(channel_mult=(1, 2)), dict(decay=1.5),
-                                 dict(num_groups=7), dict(codebook_size=0), dict(commitment_weight=-1.0)])
+                                 dict(num_groups=7), dict(codebook_size=0), dict(commitment_weight=-1.0),
+                                 dict(channel_mult=(1, 2.5, 4)), dict(kmeans_init="yes")])
 def test_config_rejects_invalid_values_with_value_error(bad: dict) -> None:
     with pytest.raises(ValueError, match="VQConfig|divisible|num_groups"):
         dataclasses.replace(TINY, **bad)
@@ -161,15 +162,18 @@ def test_from_pretrained_rejects_a_folder_missing_a_file(trained: VQVAE, tmp_pat
 
 
 @pytest.mark.parametrize("edit, message", [("unknown", "unknown keys \\['dropout'\\]"),
-                                           ("missing", "missing keys \\['decay'\\]")])
-def test_from_pretrained_rejects_a_config_with_unknown_or_missing_keys(
+                                           ("missing", "missing keys \\['decay'\\]"),
+                                           ("wrong type", "VQConfig.f must be a positive integer; found '4'")])
+def test_from_pretrained_rejects_a_config_with_unknown_missing_or_mistyped_keys(
         trained: VQVAE, tmp_path: Path, edit: str, message: str) -> None:
     trained.save(tmp_path)
     cfg = json.loads((tmp_path / CONFIG_FILE).read_text())
     if edit == "unknown":
         cfg["dropout"] = 0.1
-    else:
+    elif edit == "missing":
         del cfg["decay"]
+    else:
+        cfg["f"] = "4"
     (tmp_path / CONFIG_FILE).write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=message):
         VQVAE.from_pretrained(tmp_path)

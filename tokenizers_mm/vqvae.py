@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -63,7 +63,10 @@ class VQConfig:
     sync_codebook: bool = False  # all-reduce codebook statistics across DDP ranks; set True under torchrun
 
     def __post_init__(self) -> None:
-        self.channel_mult = tuple(int(m) for m in self.channel_mult)  # JSON gives a list
+        if not isinstance(self.channel_mult, (list, tuple)) or not all(
+                isinstance(m, int) and not isinstance(m, bool) for m in self.channel_mult):
+            raise ValueError(f"VQConfig.channel_mult must be a list of integers; found {self.channel_mult!r}")
+        self.channel_mult = tuple(self.channel_mult)  # JSON gives a list
         for name in ("image_size", "f", "channels", "num_res_blocks", "num_groups", "latent_dim",
                      "codebook_size", "codebook_dim", "kmeans_iters"):
             v = getattr(self, name)
@@ -91,6 +94,13 @@ class VQConfig:
                 )
         if self.codebook_size < 2:
             raise ValueError(f"VQConfig.codebook_size must be ≥ 2; found {self.codebook_size}")
+        for name in ("decay", "commitment_weight", "threshold_ema_dead_code"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise ValueError(f"VQConfig.{name} must be a number; found {v!r}")
+        for name in ("kmeans_init", "rotation_trick", "sync_codebook"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"VQConfig.{name} must be true or false; found {getattr(self, name)!r}")
         if not 0.0 < self.decay < 1.0:
             raise ValueError(f"VQConfig.decay must be in (0, 1); found {self.decay} (LIBS.md: 0.9-0.99 works)")
         if self.commitment_weight < 0:
@@ -135,7 +145,7 @@ VQ_PRESETS: dict[str, VQConfig] = {
     "tiny": VQConfig(image_size=32, f=4, channels=16, channel_mult=(1, 1, 2), num_res_blocks=1, num_groups=4,
                      latent_dim=16, codebook_size=64, codebook_dim=16),
     # the CPU default: 32×32 RGB -> 8×8 codes from 512; 1.10M params; calibrated for `make tokenize`
-    # (train/vq.py VQ_TRAIN_SETTINGS: ~140 s on one core for ≥ 32 dB shapes / 35 dB digits)
+    # (train/vq.py VQ_TRAIN_SETTINGS: 1200 steps × 16, ≤ 145 s on one core, ≥ 32 dB shapes / 34 dB digits)
     "default": VQConfig(),
     # GPU: 64×64 -> 8×8 codes (f=8) from 1024; 9.1M params
     "64px": VQConfig(image_size=64, f=8, channels=64, channel_mult=(1, 2, 2, 4), num_res_blocks=2,
@@ -383,7 +393,11 @@ class VQVAE(nn.Module):
             cfg_dict = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_path} is not valid JSON ({e}); re-save the model") from None
-        model = cls(VQConfig.from_dict(cfg_dict))
+        try:
+            config = VQConfig.from_dict(cfg_dict)
+        except ValueError as e:
+            raise ValueError(f"{cfg_path}: {e}") from None
+        model = cls(config)
         state = load_file(str(w_path))
         expected = model.state_dict()
         missing = sorted(set(expected) - set(state))
