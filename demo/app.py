@@ -9,7 +9,7 @@ example and answer images) is created inside `build_demo` and captured by its ha
     from demo.app import build_demo, serve
     serve(build_demo(MultimodalModel.from_pretrained("runs/default")), port=7860)
 
-Robustness: uploads are opened here (not by gradio) so that a non-image gets a clear message,
+Robustness: uploads are opened here (not by gradio's preprocessing) so that a non-image gets a clear message,
 a huge image is downscaled and a decompression bomb refused before decoding; every model call
 is bounded in tokens and wall-clock time and serialised by one lock (the model holds a single KV
 cache); the queue is bounded; a request that fails raises `gr.Error` and the app keeps serving.
@@ -60,23 +60,6 @@ class DemoLimits:
             raise ValueError("DemoLimits.max_seconds and max_upload_mb must be positive")
 
 
-class ImageUpload(gr.Image):
-    """gr.Image that hands the handler the uploaded file's path without decoding it.
-
-    gradio's own preprocessing opens every upload with PIL, so a text file fails with an opaque
-    server error; here the handler opens it with `open_upload` and can say what went wrong.
-    """
-
-    is_template = True  # drawn by gradio's own Image frontend
-
-    def preprocess(self, payload: Any) -> str | None:
-        if payload is None:
-            return None
-        if payload.path is None:  # an inline data: URL, decoded by gradio into a file
-            return super().preprocess(payload)
-        return payload.path
-
-
 class OutOfTime(Exception):
     """Raised from the token callback when a request has used its time budget."""
 
@@ -90,16 +73,24 @@ def user_errors() -> Iterator[None]:
         raise gr.Error(str(e)) from None
 
 
-def open_upload(path: str | Path | None, limits: DemoLimits, what: str = "image") -> Image.Image:
-    """Open an uploaded file as an RGB image no larger than limits.upload_side.
+def open_upload(upload: dict | str | Path | None, limits: DemoLimits) -> Image.Image:
+    """Open an uploaded file (gradio's raw file payload {"path", "orig_name", ...} or a path) as
+    an RGB image no larger than limits.upload_side.
 
     Raises gr.Error for a missing upload, a non-image, a truncated file or a decompression bomb.
     """
-    if path is None:
-        raise gr.Error(f"no {what} given: upload one or pick an example below")
-    name = Path(path).name
+    if isinstance(upload, dict):
+        path, name = upload.get("path"), upload.get("orig_name")
+    else:
+        path, name = upload, None
+    if not path:
+        raise gr.Error("no image given: upload one or pick an example below")
+    name = name or Path(path).name
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
+            img = Image.open(path)
+        with img:
             w, h = img.size
             if w * h > limits.max_upload_pixels:  # checked from the header, before decoding
                 raise gr.Error(f"{name} is {w}×{h} pixels, more than the demo's limit of "
@@ -114,7 +105,8 @@ def open_upload(path: str | Path | None, limits: DemoLimits, what: str = "image"
     except UnidentifiedImageError:
         raise gr.Error(f"{name} is not an image: upload a PNG, JPEG, WebP, GIF or BMP file") from None
     except Image.DecompressionBombError:
-        raise gr.Error(f"{name} is too large to decode safely: downscale it and upload it again") from None
+        raise gr.Error(f"{name} has more than the demo's limit of {limits.max_upload_pixels:,} pixels (too large "
+                       "to decode safely): downscale it and upload it again") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
         raise gr.Error(f"{name} could not be read as an image ({e}): upload another file") from None
 
@@ -160,8 +152,7 @@ def message_segments(history: Sequence[dict], limits: DemoLimits) -> list[str | 
                 segments.append(item["text"])
             elif isinstance(item, dict) and ("file" in item or "path" in item):
                 f = item.get("file") or item  # {"file": FileData | {"path"} | path} or {"path"}
-                path = f if isinstance(f, str) else f.get("path") if isinstance(f, dict) else getattr(f, "path", None)
-                segments.append(open_upload(path, limits))
+                segments.append(open_upload(f, limits))
     return [s for s in segments if not isinstance(s, str) or s.strip()]
 
 
@@ -246,14 +237,14 @@ def build_demo(mm: MultimodalModel, limits: DemoLimits = DemoLimits(), workdir: 
         yield images, f"drawing 1 of {n} ..."
         for i in range(n):
             try:  # one image per call, so each appears when finished; image i uses seed + i
-                gen = generate([caption], deadline, n=1, next="image", sampling=sampling, seed=int(seed) + i)
+                gen = generate([caption], deadline, n=1, next="image", sampling=sampling, seed=int(seed or 0) + i)
             except OutOfTime:
                 yield images, f"stopped after {len(images)} of {n} images: the time limit is {limits.max_seconds:.0f} s"
                 return
             images.append(for_display(gen[0].document.images[0]))
             yield images, f"{len(images)} of {n} images" + (" — drawing the next ..." if len(images) < n else "")
 
-    def describe(image: str | None, n: float, temperature: float, seed: float) -> str:
+    def describe(image: dict | None, n: float, temperature: float, seed: float) -> str:
         """image→text: n captions for an uploaded image."""
         img = open_upload(image, limits)
         n = int(n)
@@ -263,10 +254,10 @@ def build_demo(mm: MultimodalModel, limits: DemoLimits = DemoLimits(), workdir: 
             sampling = SamplingConfig(temperature=float(temperature))
         try:
             gens = generate([img], time.monotonic() + limits.max_seconds, n=n, next="text", sampling=sampling,
-                            seed=int(seed), max_new_tokens=limits.caption_tokens)
+                            seed=int(seed or 0), max_new_tokens=limits.caption_tokens)
         except OutOfTime:
             raise out_of_time() from None
-        captions = [" ".join(g.document.texts).strip() or "(no text)" for g in gens]
+        captions = [" ".join(" ".join(g.document.texts).split()) or "(no text)" for g in gens]  # one line each
         return "\n".join(captions) if n == 1 else "\n".join(f"{i + 1}. {c}" for i, c in enumerate(captions))
 
     def story(message: dict | None, history: list, next: str, temperature: float, seed: float) -> Iterator[tuple[list, Any, str]]:
@@ -274,12 +265,12 @@ def build_demo(mm: MultimodalModel, limits: DemoLimits = DemoLimits(), workdir: 
         text and/or images."""
         message = message or {}
         text = (message.get("text") or "").strip()
-        files = [f if isinstance(f, str) else f.get("path") for f in message.get("files") or []]
+        files = list(message.get("files") or [])  # raw file payloads: {"path", "orig_name", ...}
         if not text and not files:
             raise gr.Error("write a sentence or attach an image to start or continue the story")
         new_images = [open_upload(f, limits) for f in files]  # refuse a bad file before anything changes
         history = list(history or [])
-        user_turn = [*([text] if text else []), *[{"path": f} for f in files]]
+        user_turn = [*([text] if text else []), *[{"path": f["path"] if isinstance(f, dict) else f} for f in files]]
         history.append({"role": "user", "content": user_turn})
         yield history, gr.MultimodalTextbox(value=None), "the model is writing ..."
         segments = message_segments(history[:-1], limits) + ([text] if text else []) + new_images
@@ -296,7 +287,7 @@ def build_demo(mm: MultimodalModel, limits: DemoLimits = DemoLimits(), workdir: 
             warnings.simplefilter("always")
             try:
                 gen = generate(segments, time.monotonic() + limits.max_seconds, n=1, next=next,
-                               sampling=sampling, seed=int(seed), max_new_tokens=max_new)[0]
+                               sampling=sampling, seed=int(seed or 0), max_new_tokens=max_new)[0]
             except OutOfTime:
                 history.append({"role": "assistant", "content": "(stopped: the demo's time limit per answer was reached)"})
                 yield history, gr.MultimodalTextbox(value=None), f"stopped after {limits.max_seconds:.0f} s"
@@ -317,7 +308,7 @@ def build_demo(mm: MultimodalModel, limits: DemoLimits = DemoLimits(), workdir: 
                    if trimmed else ""))
         yield history, gr.MultimodalTextbox(value=None), status
 
-    def classify_image(image: str | None, labels_text: str, template: str, prior_text: str, mode: str) -> tuple[dict, Any, str]:
+    def classify_image(image: dict | None, labels_text: str, template: str, prior_text: str, mode: str) -> tuple[dict, Any, str]:
         """Zero-shot classification by Bayes' rule: posterior over the labels and the top label."""
         import pandas as pd  # gradio's own dependency; only the bar plot needs it
 
@@ -334,6 +325,10 @@ def build_demo(mm: MultimodalModel, limits: DemoLimits = DemoLimits(), workdir: 
 
     # ------------------------------------------------------------------ layout
     model_event: dict[str, Any] = {"concurrency_id": "model", "concurrency_limit": limits.concurrency}
+    # events with uploads take gradio's raw file payloads (preprocess=False): gradio's own image
+    # preprocessing decodes every upload and fails on a non-image with an opaque server error,
+    # while open_upload says what went wrong and guards against decompression bombs
+    raw_uploads = {**model_event, "preprocess": False}
     with gr.Blocks(title="fusion-mm demo", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown("# fusion-mm\nOne decoder-only transformer that reads and writes text and images as one "
                     "token stream. Images are 32×32 (shown enlarged).")
@@ -356,7 +351,7 @@ def build_demo(mm: MultimodalModel, limits: DemoLimits = DemoLimits(), workdir: 
         with gr.Tab("image → text"):
             with gr.Row():
                 with gr.Column():
-                    i2t_image = ImageUpload(label="image", type="filepath", sources=["upload", "clipboard"], height=256)
+                    i2t_image = gr.Image(label="image", type="filepath", sources=["upload", "clipboard"], height=256)
                     i2t_n = gr.Slider(1, limits.max_images, value=1, step=1, label="number of captions")
                     i2t_temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="temperature (0 = greedy)")
                     i2t_seed = gr.Number(value=0, precision=0, label="seed")
@@ -364,7 +359,7 @@ def build_demo(mm: MultimodalModel, limits: DemoLimits = DemoLimits(), workdir: 
                 i2t_text = gr.Textbox(label="caption", lines=6)
             gr.Examples([[p] for p in examples["images"]], inputs=[i2t_image], label="images from the eval data")
             i2t_button.click(describe, [i2t_image, i2t_n, i2t_temperature, i2t_seed], [i2t_text],
-                             api_name="caption", **model_event)
+                             api_name="caption", **raw_uploads)
 
         with gr.Tab("story"):
             chat = gr.Chatbot(label="story", height=420)
@@ -378,12 +373,12 @@ def build_demo(mm: MultimodalModel, limits: DemoLimits = DemoLimits(), workdir: 
             gr.ClearButton([chat, chat_input, chat_status], value="new story")
             gr.Examples([[m] for m in examples["story"]], inputs=[chat_input], label="story openings from the eval data")
             chat_input.submit(story, [chat_input, chat, chat_next, chat_temperature, chat_seed],
-                              [chat, chat_input, chat_status], api_name="story", **model_event)
+                              [chat, chat_input, chat_status], api_name="story", **raw_uploads)
 
         with gr.Tab("classify"):
             with gr.Row():
                 with gr.Column():
-                    cls_image = ImageUpload(label="image", type="filepath", sources=["upload", "clipboard"], height=256)
+                    cls_image = gr.Image(label="image", type="filepath", sources=["upload", "clipboard"], height=256)
                     cls_labels = gr.Textbox(label="labels (comma-separated)", value="zero, one, two, three, four, five, six, seven, eight, nine")
                     cls_template = gr.Textbox(label="template ({} is replaced by each label)", value="a handwritten digit {}")
                     cls_prior = gr.Textbox(label="prior (optional): weights, one per label", placeholder="uniform")
@@ -397,7 +392,7 @@ def build_demo(mm: MultimodalModel, limits: DemoLimits = DemoLimits(), workdir: 
             gr.Examples(examples["classify"], inputs=[cls_image, cls_labels, cls_template, cls_prior],
                         label="images from the eval data")
             cls_button.click(classify_image, [cls_image, cls_labels, cls_template, cls_prior, cls_mode],
-                             [cls_label, cls_plot, cls_top], api_name="classify", **model_event)
+                             [cls_label, cls_plot, cls_top], api_name="classify", **raw_uploads)
 
         # ------------------------------------------------------------------ retrieval tab
         # RETRIEVAL TAB GOES HERE (issue 7, item 2): "the documents retrieved for a prompt, with

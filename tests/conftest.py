@@ -63,3 +63,25 @@ def tiny_run(tiny_artifacts, tmp_path_factory) -> Path:
     r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return run
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def demo_url(tiny_run, tmp_path_factory) -> str:
+    """The Gradio demo on the tiny run, launched on 127.0.0.1 at a free port (closed at the end)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from demo.app import build_demo, serve
+    from sample.api import MultimodalModel
+
+    demo = build_demo(MultimodalModel.from_pretrained(tiny_run), workdir=tmp_path_factory.mktemp("demo"))
+    url = serve(demo, port=free_port(), block=False)
+    yield url
+    demo.close()
