@@ -351,7 +351,8 @@ def build_demo(mm: MultimodalModel, limits: DemoLimits = DemoLimits(), workdir: 
         with gr.Tab("image → text"):
             with gr.Row():
                 with gr.Column():
-                    i2t_image = gr.Image(label="image", type="filepath", sources=["upload", "clipboard"], height=256)
+                    i2t_image = gr.Image(label="image", type="filepath", sources=["upload", "clipboard"], height=256,
+                                         elem_id="i2t_image", elem_classes=["pixelated"])
                     i2t_n = gr.Slider(1, limits.max_images, value=1, step=1, label="number of captions")
                     i2t_temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="temperature (0 = greedy)")
                     i2t_seed = gr.Number(value=0, precision=0, label="seed")
@@ -378,7 +379,8 @@ def build_demo(mm: MultimodalModel, limits: DemoLimits = DemoLimits(), workdir: 
         with gr.Tab("classify"):
             with gr.Row():
                 with gr.Column():
-                    cls_image = gr.Image(label="image", type="filepath", sources=["upload", "clipboard"], height=256)
+                    cls_image = gr.Image(label="image", type="filepath", sources=["upload", "clipboard"], height=256,
+                                         elem_id="cls_image", elem_classes=["pixelated"])
                     cls_labels = gr.Textbox(label="labels (comma-separated)", value="zero, one, two, three, four, five, six, seven, eight, nine")
                     cls_template = gr.Textbox(label="template ({} is replaced by each label)", value="a handwritten digit {}")
                     cls_prior = gr.Textbox(label="prior (optional): weights, one per label", placeholder="uniform")
@@ -413,7 +415,9 @@ def serve(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, *, 
     # system fonts: the default theme would fetch Google Fonts, which offline machines cannot
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])
+    # 32-px inputs would show as stamps: enlarge them with hard pixel edges, as the outputs are
+    css = ".pixelated img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }"
     demo.launch(server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False,
                 prevent_thread_lock=not block, max_file_size=int(limits.max_upload_mb * 1024 * 1024), theme=theme,
-                show_error=False, quiet=not block)
+                css=css, show_error=False, quiet=not block)
     return demo.local_url
