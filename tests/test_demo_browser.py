@@ -51,7 +51,7 @@ def browser():
         unavailable("chromium was not found: apt-get install chromium (or set CHROMIUM=/path/to/chrome)")
     pw = sync_playwright().start()
     try:
-        b = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        b = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS, timeout=15_000)
     except Exception as e:  # a broken install, missing libraries, no sandbox support ...
         pw.stop()
         unavailable(f"chromium at {exe} did not start: {str(e).splitlines()[0]}")
