@@ -99,6 +99,8 @@ def drive_demo(page: Any, url: str, image: Path, screenshot: Path, n: int = 4) -
     sheet.paste(parts[0], (0, 0))
     sheet.paste(parts[1], (0, parts[0].height))
     sheet.save(screenshot)
+    for s in (".t2i.png", ".cls.png"):
+        screenshot.with_suffix(s).unlink()
     errors = page.locator(".toast-body.error").count()
     return {"widths": widths, "top": top, "errors": errors, "seconds": {"load": loaded, "draw": drawn, "classify": classified}}
 
