@@ -687,6 +687,14 @@ class FaissIndex:
             self.index.train(x)
         self.index.add_with_ids(x, i)
 
+    def train(self, sample: torch.Tensor) -> None:
+        """Fit an IVF index's cells on a sample (N, dim) of the bank (FAISS suggests 30–256 vectors
+        per cell) before adding; cheaper than letting `add` train on a whole large first batch."""
+        if sample.ndim != 2 or sample.shape[1] != self.dim:
+            raise ValueError(f"sample must be (N, {self.dim}); found {tuple(sample.shape)}")
+        if self.kind == "ivf":
+            self.index.train(sample.detach().float().contiguous().numpy())
+
     def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
         """Trade speed for recall after building (IVF cells probed / HNSW candidate list)."""
         if nprobe is not None and self.kind == "ivf":
