@@ -260,9 +260,11 @@ def build_demo(mm: MultimodalModel, limits: DemoLimits = DemoLimits(), workdir: 
         captions = [" ".join(" ".join(g.document.texts).split()) or "(no text)" for g in gens]  # one line each
         return "\n".join(captions) if n == 1 else "\n".join(f"{i + 1}. {c}" for i, c in enumerate(captions))
 
-    def story(message: dict | None, history: list, next: str, temperature: float, seed: float) -> Iterator[tuple[list, Any, str]]:
+    def story(message: dict | None, history: list, next_kind: str, temperature: float, seed: float) -> Iterator[tuple[list, Any, str]]:
         """Interleaved story chat: the whole conversation is the prompt; the model answers with
-        text and/or images."""
+        text and/or images (next_kind: "auto", "text" or "image")."""
+        if next_kind not in ("auto", "text", "image"):
+            raise gr.Error(f"the model continues with 'auto', 'text' or 'image', not {next_kind!r}")
         message = message or {}
         text = (message.get("text") or "").strip()
         files = list(message.get("files") or [])  # raw file payloads: {"path", "orig_name", ...}
@@ -276,17 +278,17 @@ def build_demo(mm: MultimodalModel, limits: DemoLimits = DemoLimits(), workdir: 
         segments = message_segments(history[:-1], limits) + ([text] if text else []) + new_images
         with user_errors():
             sampling = SamplingConfig(temperature=float(temperature), top_p=0.9)
-            prompt_len = len(mm.prompt_ids(segments, next))
+            prompt_len = len(mm.prompt_ids(segments, next_kind))
         grid = mm.tokenizer.image_tokens
-        # room for what was asked: one image, a sentence, or an image and a sentence
-        need = {"image": grid + 1, "text": 48, "auto": grid + 2 + 16}[next]
-        max_new = min(limits.story_tokens, mm.context - 2, max(mm.context - prompt_len, need))
-        if next == "image":
-            max_new = grid + 1
+        if next_kind == "image":
+            max_new = grid + 1  # the codes and <eoi>: the prompt ends in <boi>
+        else:  # what the context leaves, but at least room for a sentence (and an image, for "auto")
+            need = 48 if next_kind == "text" else grid + 2 + 16
+            max_new = min(limits.story_tokens, mm.context - 2, max(mm.context - prompt_len, need))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                gen = generate(segments, time.monotonic() + limits.max_seconds, n=1, next=next,
+                gen = generate(segments, time.monotonic() + limits.max_seconds, n=1, next=next_kind,
                                sampling=sampling, seed=int(seed or 0), max_new_tokens=max_new)[0]
             except OutOfTime:
                 history.append({"role": "assistant", "content": "(stopped: the demo's time limit per answer was reached)"})
