@@ -371,7 +371,7 @@ class Transformer(nn.Module):
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype = torch.float32) -> None:
         """Allocate a KV cache per layer for up to max_batch_size rows and max_seq_len positions.
 
-        Replaces any previous caches. dtype: storage dtype (bfloat16 halves memory; keys and
+        Replaces any previous caches of another shape. dtype: storage dtype (bfloat16 halves memory; keys and
         values are cast to the query dtype when attended).
         """
         if max_seq_len > self.config.block_size:
@@ -380,6 +380,10 @@ class Transformer(nn.Module):
         if max_batch_size <= 0 or max_seq_len <= 0:
             raise ValueError(f"max_batch_size and max_seq_len must be positive, got {max_batch_size}, {max_seq_len}")
         device = self.tok_emb.weight.device
+        first = self.layers[0].attn.kv_cache
+        if (self._cache_shape == (max_batch_size, max_seq_len) and first is not None and first.k.dtype == dtype
+                and first.k.device == device):
+            return  # same shape: keep the buffers (a compiled decode step stays valid; stale rows are never read)
         for layer in self.layers:
             layer.attn.kv_cache = KVCache(max_batch_size, max_seq_len, self.config.n_kv_head,
                                           self.config.head_dim, dtype, device)

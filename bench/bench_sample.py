@@ -1,0 +1,128 @@
+"""Image generation speed: our KV-cached, modality-constrained sampler against the same model
+without a KV cache and against Hugging Face `LlamaForCausalLM.generate()` of the same dimensions.
+
+A benchmark, not a test. Each contender draws one image (grid² codes + <eoi>) per row after a
+short caption prompt, at batch 1 and batch 16, timed interleaved. Random weights (speed does not
+depend on them), float32 and bf16 autocast both tried for every contender; the best of each is
+compared.
+
+    .venv/bin/python bench/bench_sample.py [--ckpt runs/default]     # needs transformers (bench extra)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+import torch
+
+import common  # noqa: F401  (puts the project on sys.path)
+from common import interleaved, merge_results
+from model import Transformer, preset
+from sample import logits as L
+from tokenizers_mm import special
+
+
+def autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def ours_cached(model: Transformer, prompt: torch.Tensor, new: int, text_vocab: int, bf16: bool):
+    """Our sampler's inner loop (generate_ids without the Python bookkeeping of callbacks)."""
+    from sample.generate import SamplingConfig, generate_ids
+
+    class Tok:  # the few tokenizer facts generate_ids reads
+        image_tokens = new - 1
+        text_vocab_size = text_vocab
+        vocab_size = model.config.vocab_size
+        image_offset = text_vocab
+
+    prompts = prompt.tolist()
+
+    def run():
+        with autocast(bf16):
+            return generate_ids(model, Tok, prompts, max_new_tokens=new, sampling=SamplingConfig(),
+                                stop_after_images=1, seed=0)
+    return run
+
+
+def ours_uncached(model: Transformer, prompt: torch.Tensor, new: int, text_vocab: int, bf16: bool):
+    """The same constrained sampling, recomputing the whole sequence every step (no KV cache)."""
+    def run():
+        ids = prompt.clone()
+        g = torch.Generator().manual_seed(0)
+        B = ids.shape[0]
+        image_pos = torch.zeros(B, dtype=torch.long)
+        with torch.no_grad(), autocast(bf16):
+            for t in range(new):
+                logits = model(ids)[:, -1].float()
+                mask = L.allowed_tokens(image_pos, torch.full((B,), new - t), text_vocab_size=text_vocab,
+                                        vocab_size=model.config.vocab_size, image_tokens=new - 1)
+                tok = L.sample_token(L.apply_mask(logits, mask), 1.0, g)
+                image_pos += 1
+                ids = torch.cat([ids, tok[:, None]], dim=1)
+        return ids
+    return run
+
+
+def hf_generate(model: Transformer, prompt: torch.Tensor, new: int, bf16: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = model.config
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_hidden, num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head, max_position_embeddings=c.block_size,
+        rms_norm_eps=c.norm_eps, rope_theta=c.rope_base, attn_implementation="sdpa")).eval()
+
+    def run():
+        with torch.no_grad(), autocast(bf16):
+            return hf.generate(prompt, do_sample=True, max_new_tokens=new, min_new_tokens=new, top_k=0,
+                               pad_token_id=special.PAD_ID, eos_token_id=None)
+    return run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="default")
+    p.add_argument("--vocab", type=int, default=1015, help="vocabulary (the default tokenizer's is ~1,015)")
+    p.add_argument("--grid", type=int, default=8, help="image codes per side")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--no-hf", action="store_true")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    model = Transformer(preset(args.preset, vocab_size=args.vocab, block_size=max(128, args.grid ** 2 + 32))).eval()
+    text_vocab = args.vocab - 512
+    new = args.grid * args.grid + 1
+    rows = []
+    for batch in (1, 16):
+        prompt = torch.cat([torch.tensor([[special.BOS_ID]]), torch.randint(9, text_vocab, (1, 8)),
+                            torch.tensor([[special.BOI_ID]])], dim=1).repeat(batch, 1)
+        fns = {}
+        for bf16 in (False, True):
+            tag = "bf16" if bf16 else "fp32"
+            fns[f"ours cached {tag}"] = ours_cached(model, prompt, new, text_vocab, bf16)
+            fns[f"ours uncached {tag}"] = ours_uncached(model, prompt, new, text_vocab, bf16)
+            if not args.no_hf:
+                fns[f"HF generate {tag}"] = hf_generate(model, prompt, new, bf16)
+        secs = interleaved(fns, args.rounds)
+        for name, s in secs.items():
+            rows.append({"batch": batch, "name": name, "seconds": s, "images_per_s": batch / s,
+                         "tokens_per_s": batch * new / s})
+    print(f"\n{'batch':>5} {'contender':22s} {'images/s':>9} {'tokens/s':>9}")
+    for r in rows:
+        print(f"{r['batch']:5d} {r['name']:22s} {r['images_per_s']:9.2f} {r['tokens_per_s']:9.0f}")
+    summary = {}
+    for batch in (1, 16):
+        best = lambda prefix: max((r for r in rows if r["batch"] == batch and r["name"].startswith(prefix)),
+                                  key=lambda r: r["tokens_per_s"], default=None)
+        ours, unc, hf = best("ours cached"), best("ours uncached"), best("HF")
+        summary[f"batch{batch}"] = {"ours_best": ours["name"], "tokens_per_s": ours["tokens_per_s"],
+                                    "images_per_s": ours["images_per_s"],
+                                    "speedup_vs_uncached": ours["tokens_per_s"] / unc["tokens_per_s"],
+                                    "speedup_vs_hf": ours["tokens_per_s"] / hf["tokens_per_s"] if hf else None}
+        print(f"batch {batch}: ours {ours['images_per_s']:.2f} images/s; ×{summary[f'batch{batch}']['speedup_vs_uncached']:.2f} "
+              f"vs no cache" + (f", ×{summary[f'batch{batch}']['speedup_vs_hf']:.2f} vs HF generate (target >= 2)" if hf else ""))
+    merge_results("sample", {"preset": args.preset, "vocab": args.vocab, "new_tokens": new, "rows": rows, "summary": summary})
+
+
+if __name__ == "__main__":
+    main()
