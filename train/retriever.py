@@ -136,7 +136,7 @@ def train_retriever(pairs: PairSet | tuple[torch.Tensor, Sequence[Sequence[int]]
     torch.manual_seed(seed)
     model = Retriever(config).train()
     x_all = images if config.image_input == "codes" else _as_uint8(images)
-    model.prepare_images(x_all[:1] if config.image_input == "codes" else x_all[:1])  # validates the format early
+    model.prepare_images(x_all[:1])  # validates the format early
     ids_all, mask_all = model.pad_texts(texts)
     groups = _text_groups(texts)
     decay = [p for name, p in model.named_parameters() if p.ndim >= 2 and "embed" not in name]
@@ -412,12 +412,12 @@ def retrieval_grid(retriever: Retriever, pairs: PairSet, pils: Sequence[Image.Im
     txt = retriever.embed_texts([pairs.texts[q] for q in queries])
     top = (txt @ img.T).topk(k, dim=1).indices
     side = pils[0].size[0] * scale
-    pad, text_w = 4, 300
+    pad, text_w = 4, 380
     canvas = Image.new("RGB", (text_w + k * (side + pad) + pad, len(queries) * (side + pad) + pad), (40, 40, 40))
     draw = ImageDraw.Draw(canvas)
     for r, q in enumerate(queries):
         y = pad + r * (side + pad)
-        draw.text((6, y + side // 2 - 6), captions[q][:48], fill=(230, 230, 230))
+        draw.text((6, y + side // 2 - 6), captions[q][:62], fill=(230, 230, 230))
         for c, j in enumerate(top[r].tolist()):
             x = text_w + pad + c * (side + pad)
             canvas.paste(pils[j].resize((side, side), Image.Resampling.NEAREST), (x, y))
