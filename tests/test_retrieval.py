@@ -19,7 +19,7 @@ from model.retrieval import (
     siglip_loss,
 )
 from train.retriever import (
-    PairSet, calibrate_threshold, corrupt_captions, curate, curation_demo, evaluate_retrieval, recall_at_k,
+    PairSet, bank_neighbours, document_embeddings, calibrate_threshold, corrupt_captions, curate, curation_demo, evaluate_retrieval, recall_at_k,
     train_retriever, zero_shot_classify,
 )
 
@@ -400,3 +400,26 @@ def test_curate_drops_near_duplicate_pairs_but_keeps_the_first(toy_retriever):
     assert not res.duplicate[0], "the first of each duplicate cluster stays"
     assert not res.low_score.any()
     assert -1.0 < thr < 1.0
+
+
+# ------------------------------------------------------------------------------------ banks
+
+def test_bank_neighbours_never_include_the_document_itself_or_its_exact_copies(toy_retriever):
+    from PIL import Image
+
+    from tokenizers_mm.document import Document
+
+    pairs = toy_pairs(40, seed=13)
+    words = {10 + i: w for i, w in enumerate(COLOUR_WORDS)} | {40: "square"} | {30 + i: q for i, q in enumerate(QUADRANTS)}
+    docs = [Document([" ".join(words[t] for t in txt), Image.fromarray(img.numpy())])
+            for txt, img in zip(pairs.texts, pairs.images)]
+    docs += docs[:3]  # exact copies of the first three documents, ids 40..42
+    emb = document_embeddings(toy_retriever, ToyTokenizer(), docs, batch_size=16)
+    torch.testing.assert_close(emb[:3], emb[40:])
+    ids = torch.arange(len(docs))
+    res = bank_neighbours(build_index(emb, ids), emb, ids, k=3, max_score=0.9999, batch_size=8)
+    assert res.ids.shape == (43, 3)
+    for i in range(43):
+        assert i not in res.ids[i].tolist()
+    for i in range(3):
+        assert 40 + i not in res.ids[i].tolist() and i not in res.ids[40 + i].tolist()

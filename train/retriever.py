@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from model.retrieval import Retriever, RetrieverConfig, contrastive_loss, retriever_preset
+from model.retrieval import Index, Retriever, RetrieverConfig, SearchResult, contrastive_loss, retriever_preset
 from tokenizers_mm.document import Document
 from train.overrides import apply_overrides
 from train.vq import bf16_pays, lr_at
@@ -192,6 +192,41 @@ def _as_uint8(images: torch.Tensor | np.ndarray) -> torch.Tensor:
         return images.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     raise ValueError(f"images must be uint8 (N, S, S, 3) or float (N, 3, S, S) in [-1, 1]; found "
                      f"{images.dtype} {tuple(images.shape)} (VQ codes need a config with image_input='codes')")
+
+
+# ================================================================================ banks
+
+
+@torch.no_grad()
+def document_embeddings(retriever: Retriever, tokenizer: TextEncoder, docs: Sequence[Document],
+                        batch_size: int = 1024) -> torch.Tensor:
+    """Unit vectors (N, dim), one per document, as RA-CM3 embeds its memory bank: the normalised
+    mean of the document's text part and image part (Retriever.embed_documents), stories included.
+    Pixels retrievers only (a codes retriever needs the codes: call embed_documents directly)."""
+    out = []
+    for i in range(0, len(docs), batch_size):
+        part = docs[i : i + batch_size]
+        texts = [[tokenizer.encode_text(t) for t in d.texts] for d in part]
+        out.append(retriever.embed_documents(texts, [d.images for d in part]))
+    return torch.cat(out) if out else torch.zeros(0, retriever.config.dim)
+
+
+@torch.no_grad()
+def bank_neighbours(index: Index, embeddings: torch.Tensor, ids: torch.Tensor, k: int,
+                    max_score: float | None = None, batch_size: int = 1024) -> SearchResult:
+    """Top-k neighbours of every bank entry within the bank itself, never the entry's own id and
+    never one scoring above `max_score` (near-duplicates): what retrieval-augmented training
+    prepends, computed once so that resume stays exact. embeddings (N, dim), ids (N,) as added to
+    the index. Returns SearchResult with (N, k) scores and ids (-1 where fewer than k qualify)."""
+    scores, found = [], []
+    for i in range(0, len(embeddings), batch_size):
+        own = ids[i : i + batch_size].view(-1, 1)
+        r = index.search(embeddings[i : i + batch_size], k, exclude=own, max_score=max_score)
+        scores.append(r.scores)
+        found.append(r.ids)
+    if not scores:
+        return SearchResult(torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long))
+    return SearchResult(torch.cat(scores), torch.cat(found))
 
 
 # ================================================================================ evaluation
