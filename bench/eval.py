@@ -1,0 +1,319 @@
+"""`make eval`: what the trained model can do, measured automatically on held-out data.
+
+    .venv/bin/python bench/eval.py --ckpt runs/default [--out runs/default/eval] [--quick]
+
+1. Text→image on shapes eval captions, judged by the world's exact checker (colour, shape, size,
+   position), the compositional hold-out pairs reported apart; with and without guidance.
+2. Text→image on digits, judged by a classifier trained on real training digits (an SVM on the
+   8×8 scan resolution, ~99% on the real test split).
+3. Captioning: shapes eval images (attributes named in the caption) and digits test images.
+4. Zero-shot classification by Bayes' rule (p(x|c), p(caption|x), both) on the digits test split
+   and on shapes eval images (shape task, colour task), against a supervised logistic regression
+   on pixels and (if a retriever is available) the CLIP-style retriever baseline; calibration
+   (ECE); robustness under noise, blur and contrast loss.
+
+Writes OUT/eval.json and PNGs (sample grids, a robustness plot). Not a test: figures, not asserts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageFilter
+
+import common  # noqa: F401  (puts the project on sys.path)
+from common import merge_results
+from sample.api import MultimodalModel
+from sample.bayes import expected_calibration_error
+from sample.classify import classify
+from sample.generate import SamplingConfig
+from tokenizers_mm.images import image_grid
+from train.data import digits as digits_data
+from train.data import shapes as shapes_data
+
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+DIGIT_TEMPLATES = ["a handwritten digit {}", "the digit {}, written by hand", "a scan of a handwritten {}",
+                   "a handwritten {}"]
+
+
+def batched(items, n):
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+# ----------------------------------------------------------------------------------------------
+def digit_judge():
+    """An SVM on real training digits at the scans' own 8×8 resolution: the referee for generated
+    digit images. Returns (predict(images) -> labels, its accuracy on the real test split)."""
+    from sklearn.svm import SVC
+
+    def features(images):
+        return np.stack([np.asarray(im.convert("L").resize((8, 8), Image.Resampling.BOX), dtype=np.float64).ravel() / 16
+                         for im in images])
+
+    train = digits_data.digits_documents("train")
+    test = digits_data.digits_documents("eval")
+    clf = SVC(gamma="scale", C=10).fit(features([d.images[0] for d in train]), [d.meta["label"] for d in train])
+    acc = float(np.mean(clf.predict(features([d.images[0] for d in test])) == [d.meta["label"] for d in test]))
+    return (lambda images: clf.predict(features(images)).tolist()), acc
+
+
+def text_to_image_shapes(mm: MultimodalModel, docs, guidance: float, seed: int) -> tuple[dict, list]:
+    specs = [shapes_data.ShapeSpec(**{k: v for k, v in d.meta["images"][0][0].items() if k != "jitter"}) for d in docs]
+    captions = [d.texts[0] for d in docs]
+    images = []
+    for i, chunk in enumerate(batched(captions, 16)):
+        images += generate_batch(mm, chunk, guidance, seed + i)
+    checks = [shapes_data.check(im, s) for im, s in zip(images, specs)]
+    held = [(s.colour, s.shape) in shapes_data.HOLDOUT_PAIRS for s in specs]
+
+    def rate(pred, subset=None):
+        idx = [i for i in range(len(checks)) if subset is None or subset[i]]
+        return float(np.mean([pred(checks[i]) for i in idx])) if idx else None
+
+    res = {"n": len(checks), "colour_and_shape": rate(lambda c: c.colour_ok and c.shape_ok),
+           "colour": rate(lambda c: c.colour_ok), "shape": rate(lambda c: c.shape_ok),
+           "size": rate(lambda c: c.size_ok), "position": rate(lambda c: c.position_ok),
+           "all_attributes": rate(lambda c: c.all_ok),
+           "holdout_n": int(sum(held)), "holdout_colour_and_shape": rate(lambda c: c.colour_ok and c.shape_ok, held)}
+    return res, images
+
+
+def generate_batch(mm: MultimodalModel, captions, guidance: float, seed: int) -> list[Image.Image]:
+    from sample.generate import generate_images
+
+    return generate_images(mm.model, mm.tokenizer, captions, sampling=SamplingConfig(guidance=guidance), seed=seed)
+
+
+def text_to_image_digits(mm: MultimodalModel, judge, per_digit: int, guidance: float, seed: int):
+    captions = [f"a handwritten digit {WORDS[d]}" for _ in range(per_digit) for d in range(10)]
+    labels = [d for _ in range(per_digit) for d in range(10)]
+    images = []
+    for i, chunk in enumerate(batched(captions, 20)):
+        images += generate_batch(mm, chunk, guidance, seed + i)
+    pred = judge(images)
+    return {"n": len(images), "judged_right": float(np.mean(np.array(pred) == np.array(labels)))}, images
+
+
+# ----------------------------------------------------------------------------------------------
+def parse_shape_caption(text: str) -> dict:
+    t = " " + text.lower() + " "
+    out = {"colour": next((c for c in shapes_data.COLOURS if f" {c} " in t), None),
+           "shape": next((s for s in shapes_data.SHAPES if re.search(rf"\b{s}", t)), None),
+           "size": "large" if re.search(r"\b(large|big|filling)\b", t) else "small" if " small " in t else None}
+    pos = None
+    for p in sorted(shapes_data.POSITIONS, key=len, reverse=True):
+        if re.search(rf"\b{p}\b", t):
+            pos = p
+            break
+    if pos is None and re.search(r"\b(middle|centre)\b", t):
+        pos = "center"
+    out["position"] = pos
+    return out
+
+
+def captions_shapes(mm: MultimodalModel, docs) -> dict:
+    right = {"colour": [], "shape": [], "size": [], "position": []}
+    examples = []
+    for chunk in batched(docs, 32):
+        for d in chunk:
+            cap = mm.caption(d.images[0], temperature=0.0)[0]
+            truth = d.meta["images"][0][0]
+            got = parse_shape_caption(cap)
+            for k in right:
+                if k in ("size", "position") and got[k] is None:
+                    # a caption may leave size or position out; colour and shape are always named
+                    if k == "size" and truth["size"] == "small":
+                        continue
+                right[k].append(got[k] == truth[k])
+            if len(examples) < 8:
+                examples.append({"caption": cap, "truth": truth})
+    res = {k: float(np.mean(v)) if v else None for k, v in right.items()}
+    res["colour_and_shape"] = float(np.mean([a and b for a, b in zip(right["colour"], right["shape"])]))
+    res["attribute_accuracy"] = float(np.mean([x for v in right.values() for x in v]))
+    res["examples"] = examples
+    return res
+
+
+def captions_digits(mm: MultimodalModel, docs) -> dict:
+    ok = []
+    examples = []
+    for d in docs:
+        cap = mm.caption(d.images[0], temperature=0.0)[0].lower()
+        label = d.meta["label"]
+        said = {i for i, w in enumerate(WORDS) if re.search(rf"\b{w}\b", cap)} | {int(c) for c in re.findall(r"\b(\d)\b", cap)}
+        ok.append(said == {label})
+        if len(examples) < 8:
+            examples.append({"caption": cap, "label": label})
+    return {"n": len(ok), "accuracy": float(np.mean(ok)), "examples": examples}
+
+
+# ----------------------------------------------------------------------------------------------
+def corrupt(img: Image.Image, kind: str, level: float, rng: np.random.Generator) -> Image.Image:
+    if kind == "clean" or level == 0:
+        return img
+    if kind == "noise":
+        a = np.asarray(img, dtype=np.float64) / 255 + rng.normal(0, level, (img.size[1], img.size[0], 3))
+        return Image.fromarray((a.clip(0, 1) * 255).round().astype(np.uint8))
+    if kind == "blur":
+        return img.filter(ImageFilter.GaussianBlur(level))
+    if kind == "contrast":
+        return ImageEnhance.Contrast(img).enhance(level)
+    raise ValueError(kind)
+
+
+CORRUPTIONS = [("clean", 0), ("noise", 0.1), ("noise", 0.2), ("noise", 0.3), ("blur", 1.0), ("blur", 1.5),
+               ("contrast", 0.5), ("contrast", 0.25)]
+
+
+def logistic_baseline(train_docs, test_images, labels_of):
+    from sklearn.linear_model import LogisticRegression
+
+    X = np.stack([np.asarray(d.images[0], dtype=np.float32).ravel() / 255 for d in train_docs])
+    clf = LogisticRegression(max_iter=300, C=0.1).fit(X, [labels_of(d) for d in train_docs])
+    return lambda images: clf.predict(np.stack([np.asarray(im, dtype=np.float32).ravel() / 255 for im in images])).tolist()
+
+
+def classification(mm: MultimodalModel, quick: bool, retriever_dir: Path | None) -> dict:
+    out: dict = {}
+    test = digits_data.digits_documents("eval")
+    if quick:
+        test = test[::4]
+    images = [d.images[0] for d in test]
+    y = torch.tensor([d.meta["label"] for d in test])
+    t = time.time()
+    res = {}
+    for mode in ("image", "text", "both"):
+        c = classify(mm.model, mm.tokenizer, images, WORDS, DIGIT_TEMPLATES, mode=mode)
+        pred = c.posterior.argmax(-1)
+        res[mode] = {"accuracy": float((pred == y).double().mean()), "ece": expected_calibration_error(c.posterior, y)}
+    one = classify(mm.model, mm.tokenizer, images, WORDS, DIGIT_TEMPLATES[:1], mode="image")
+    res["image_one_template"] = {"accuracy": float((one.posterior.argmax(-1) == y).double().mean())}
+    res["seconds"] = round(time.time() - t, 1)
+    train = digits_data.digits_documents("train")
+    logreg = logistic_baseline(train, images, lambda d: d.meta["label"])
+    res["logistic_regression_pixels"] = {"accuracy": float(np.mean(np.array(logreg(images)) == y.numpy()))}
+    clip = clip_baseline(retriever_dir, mm)
+    if clip is not None:
+        probs = clip(images, WORDS, DIGIT_TEMPLATES)
+        res["clip_retriever"] = {"accuracy": float((probs.argmax(-1) == y).double().mean())}
+    out["digits"] = res
+
+    # shapes: shape task and colour task on eval singles; templates marginalise the other attribute
+    sdocs = [d for d in shapes_data.shapes_documents("eval", 600 if not quick else 200, seed=0) if d.meta["kind"] == "single"]
+    simgs = [d.images[0] for d in sdocs]
+    truth = [d.meta["images"][0][0] for d in sdocs]
+    shape_t = [f"a {c} {{}}" for c in shapes_data.COLOURS]
+    colour_t = [f"a {{}} {s}" for s in shapes_data.SHAPES]
+    sres = {}
+    for task, labels, templates, key in (("shape", list(shapes_data.SHAPES), shape_t, "shape"),
+                                         ("colour", list(shapes_data.COLOURS), colour_t, "colour")):
+        yy = torch.tensor([labels.index(tr[key]) for tr in truth])
+        c = classify(mm.model, mm.tokenizer, simgs, labels, templates, mode="both")
+        sres[task] = {"n": len(simgs), "accuracy_both": float((c.posterior.argmax(-1) == yy).double().mean())}
+    out["shapes"] = sres
+
+    # robustness on a subset of the digits test split
+    rng = np.random.default_rng(0)
+    sub = list(range(0, len(test), 3 if not quick else 2))
+    rob = []
+    for kind, level in CORRUPTIONS:
+        imgs = [corrupt(images[i], kind, level, rng) for i in sub]
+        ys = y[sub]
+        row = {"corruption": kind, "level": level}
+        c = classify(mm.model, mm.tokenizer, imgs, WORDS, DIGIT_TEMPLATES[:2], mode="both")
+        row["bayes_both"] = float((c.posterior.argmax(-1) == ys).double().mean())
+        row["logistic_regression"] = float(np.mean(np.array(logreg(imgs)) == ys.numpy()))
+        if clip is not None:
+            row["clip_retriever"] = float((clip(imgs, WORDS, DIGIT_TEMPLATES).argmax(-1) == ys).double().mean())
+        rob.append(row)
+        print(f"  robustness {kind} {level}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float) and k != "level"))
+    out["robustness_digits"] = rob
+    return out
+
+
+def clip_baseline(retriever_dir: Path | None, mm: MultimodalModel):
+    if retriever_dir is None or not retriever_dir.is_dir():
+        return None
+    from model.retrieval import Retriever
+    from train.retriever import zero_shot_classify
+
+    r = Retriever.from_pretrained(retriever_dir)
+    return lambda images, labels, templates: zero_shot_classify(r, mm.tokenizer, images, labels, templates)
+
+
+def robustness_plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [k for k in rows[0] if k not in ("corruption", "level")]
+    xs = [f"{r['corruption']} {r['level']}" if r["corruption"] != "clean" else "clean" for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=110)
+    for n in names:
+        ax.plot(xs, [r.get(n) for r in rows], "o-", label=n)
+    ax.set_ylabel("accuracy, digits test split")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    plt.xticks(rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", default="runs/default")
+    p.add_argument("--out", default=None)
+    p.add_argument("--retriever", default=None, help="retriever folder for the CLIP-style baseline")
+    p.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    mm = MultimodalModel.from_pretrained(args.ckpt)
+    out = Path(args.out or Path(args.ckpt) / "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    report: dict = {"ckpt": str(args.ckpt)}
+
+    judge, judge_acc = digit_judge()
+    report["digit_judge_accuracy_on_real_test"] = judge_acc
+    n_shapes = 64 if args.quick else 240
+    singles = [d for d in shapes_data.shapes_documents("eval", n_shapes * 3, seed=args.seed + 1) if d.meta["kind"] == "single"][:n_shapes]
+    holdout = [d for d in shapes_data.shapes_documents("eval", 4000, seed=args.seed + 2)
+               if d.meta["kind"] == "single" and d.meta.get("holdout")][: (16 if args.quick else 48)]
+    t2i = {}
+    for g in (1.0, 3.0):
+        res, imgs = text_to_image_shapes(mm, singles + holdout, g, args.seed)
+        t2i[f"shapes_guidance_{g:g}"] = res
+        image_grid([imgs[i : i + 16] for i in range(0, min(len(imgs), 64), 16)], scale=2).save(out / f"t2i_shapes_g{g:g}.png")
+        res_d, dimgs = text_to_image_digits(mm, judge, 4 if args.quick else 10, g, args.seed)
+        t2i[f"digits_guidance_{g:g}"] = res_d
+        image_grid([dimgs[i : i + 10] for i in range(0, min(len(dimgs), 40), 10)], scale=2).save(out / f"t2i_digits_g{g:g}.png")
+        print(f"text→image guidance {g}: shapes colour+shape {res['colour_and_shape']:.3f} "
+              f"(hold-out {res['holdout_colour_and_shape']}), digits judged right {res_d['judged_right']:.3f}")
+    report["text_to_image"] = t2i
+    cap_docs = singles[: (32 if args.quick else 120)]
+    report["captioning"] = {"shapes": captions_shapes(mm, cap_docs),
+                            "digits": captions_digits(mm, digits_data.digits_documents("eval")[:: (6 if args.quick else 2)])}
+    print(f"captioning: shapes attribute accuracy {report['captioning']['shapes']['attribute_accuracy']:.3f}, "
+          f"digits {report['captioning']['digits']['accuracy']:.3f}")
+    retriever = Path(args.retriever) if args.retriever else None
+    report["classification"] = classification(mm, args.quick, retriever)
+    print("classification digits: " + json.dumps({k: v for k, v in report["classification"]["digits"].items()}))
+    print("classification shapes: " + json.dumps(report["classification"]["shapes"]))
+    robustness_plot(report["classification"]["robustness_digits"], out / "robustness.png")
+    report["seconds"] = round(time.time() - t0, 1)
+    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    merge_results("eval", {k: v for k, v in report.items() if k != "captioning"})
+    print(f"wrote {out}/eval.json and PNGs in {report['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
