@@ -18,6 +18,9 @@ DATA_MODE  ?= add
 RUN        ?= runs/$(PRESET)
 STEPS      ?=
 RESUME     ?= auto
+CKPT       ?= $(RUN)
+HOST       ?= 127.0.0.1
+PORT       ?= 7860
 PYTEST_ARGS ?=
 
 export PYTHONUNBUFFERED := 1
@@ -43,6 +46,25 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# an example of the sampling CLI: four images for a caption, and a caption for one of them
+sample: $(STAMP)
+	$(PY) -m sample generate --ckpt $(CKPT) --prompt "a small red circle in the top left" --next image --n 4 --seed 0 --out $(CKPT)/sample_example
+	$(PY) -m sample generate --ckpt $(CKPT) --prompt "<image>" --image $(CKPT)/sample_example/sample0_0.png --next text --n 2 --out $(CKPT)/sample_example/caption
+
+demo: $(STAMP)
+	$(PY) -m demo --ckpt $(CKPT) --host $(HOST) --port $(PORT)
+
+# benchmarks (not tests): figures into bench/results.json; transformers is a benchmark-only extra
+bench: $(STAMP)
+	@$(PY) -c "import transformers" 2>/dev/null || $(PY) -m pip install $(PIP_FLAGS) -e '.[bench]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) bench/bench_train.py
+	$(PY) bench/bench_sample.py
+	$(PY) bench/bench_classify.py --ckpt $(CKPT)
+	$(PY) bench/bench_index.py
+
+eval: $(STAMP)
+	$(PY) bench/eval.py --ckpt $(CKPT)
 
 clean:
 	rm -rf $(OUT) runs
