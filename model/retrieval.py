@@ -790,7 +790,83 @@ def build_index(embeddings: torch.Tensor, ids: torch.Tensor | Sequence[int] | No
     return index
 
 
+# ================================================================================ the bank's documents
+
+BANK_FILE = "bank.safetensors"
+INDEX_DIR = "index"
+
+
+class DocumentBank:
+    """The token ids of every bank entry, so that a retrieved id can be shown and prepended:
+    entry i is document i of the training shard as the model reads it (text ids, and `<boi>`
+    codes `<eoi>` per image, no `<bos>`/`<eos>`; pairs in caption→image order). Stored as two
+    flat tensors in `bank.safetensors`: tokens int32 (T,) and offsets int64 (N + 1,)."""
+
+    def __init__(self, tokens: torch.Tensor, offsets: torch.Tensor) -> None:
+        if offsets.ndim != 1 or len(offsets) < 1 or int(offsets[0]) != 0 or int(offsets[-1]) != len(tokens):
+            raise ValueError(f"bank offsets must start at 0 and end at len(tokens)={len(tokens)}; found "
+                             f"{offsets[:1].tolist()}..{offsets[-1:].tolist()}")
+        self.tokens, self.offsets = tokens, offsets
+
+    @classmethod
+    def from_documents(cls, documents: Sequence[Sequence[int]]) -> "DocumentBank":
+        lengths = torch.tensor([0] + [len(d) for d in documents], dtype=torch.long)
+        flat = [t for d in documents for t in d]
+        return cls(torch.tensor(flat, dtype=torch.int32), lengths.cumsum(0))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> list[int]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"bank entry {i} out of range [0, {len(self)})")
+        return self.tokens[int(self.offsets[i]) : int(self.offsets[i + 1])].tolist()
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write `bank.safetensors` into `directory` (atomically)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".{BANK_FILE}.tmp{os.getpid()}"
+        save_file({"tokens": self.tokens.contiguous(), "offsets": self.offsets.contiguous()}, str(tmp),
+                  metadata={"format": "document_bank"})
+        os.replace(tmp, d / BANK_FILE)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "DocumentBank":
+        path = Path(directory) / BANK_FILE
+        if not path.is_file():
+            raise ValueError(f"{directory} has no {BANK_FILE} (the bank's documents); re-run `make tokenize`")
+        t = load_file(str(path))
+        if set(t) != {"tokens", "offsets"}:
+            raise ValueError(f"{path} holds tensors {sorted(t)}; expected exactly ['offsets', 'tokens']")
+        return cls(t["tokens"], t["offsets"])
+
+
+class RetrievalBank(NamedTuple):
+    """Everything retrieval needs at inference, loaded from one folder (`artifacts/retriever/`,
+    copied into each checkpoint as `retriever/`): the encoder, the index over the bank's document
+    embeddings (ids = bank entries), and the bank's documents."""
+
+    retriever: Retriever
+    index: "ExactIndex | FaissIndex"
+    documents: DocumentBank
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "RetrievalBank":
+        """Load strictly: the retriever, `index/` and `bank.safetensors` must all be there and agree."""
+        d = Path(directory)
+        retriever = Retriever.from_pretrained(d)
+        index = load_index(d / INDEX_DIR)
+        documents = DocumentBank.load(d)
+        if len(index) != len(documents) or index.dim != retriever.config.dim:
+            raise ValueError(f"{d}: the index holds {len(index)} entries of dim {index.dim}, the bank {len(documents)} "
+                             f"documents and the retriever embeds in dim {retriever.config.dim}; they come from "
+                             "different `make tokenize` runs — re-run it")
+        return cls(retriever, index, documents)
+
+
 __all__ = [
     "RetrieverConfig", "RETRIEVER_PRESETS", "retriever_preset", "Retriever", "clip_loss", "siglip_loss",
     "contrastive_loss", "SearchResult", "Index", "ExactIndex", "FaissIndex", "load_index", "build_index",
+    "DocumentBank", "RetrievalBank",
 ]

@@ -229,6 +229,87 @@ def bank_neighbours(index: Index, embeddings: torch.Tensor, ids: torch.Tensor, k
     return SearchResult(torch.cat(scores), torch.cat(found))
 
 
+QUERY_MODES = ("mixed", "text", "document")
+
+
+@torch.no_grad()
+def query_embeddings(retriever: Retriever, tokenizer: TextEncoder, docs: Sequence[Document], mode: str = "mixed",
+                     seed: int = 0, dropout: float = 0.2, batch_size: int = 1024) -> torch.Tensor:
+    """The retrieval query of each document as a unit vector (N, dim).
+
+    mode "mixed" (training, as the issue asks): per document, from an rng seeded by (seed,
+      position), the query is its text half (each text token dropped with probability `dropout`,
+      at least one kept per segment) or its image half, half the time each — so the model learns
+      from neighbours found either way, as at inference where the prompt may be text or image.
+    mode "text": the document's text alone, no dropout (held-out evaluation: a caption→image
+      prompt has only the caption, and the image being scored must not leak in via its neighbours).
+    mode "document": the whole document (RA-CM3's bank embedding).
+    A document lacking the chosen half falls back to the half it has.
+    """
+    if mode not in QUERY_MODES:
+        raise ValueError(f"query mode must be one of {QUERY_MODES}; found {mode!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"query dropout must be in [0, 1); found {dropout}")
+    out = []
+    for start in range(0, len(docs), batch_size):
+        texts, images = [], []
+        for i, d in enumerate(docs[start : start + batch_size], start):
+            t = [tokenizer.encode_text(x) for x in d.texts]
+            t = [x for x in t if x]
+            use_text = bool(t) and (mode == "text" or not d.images)
+            use_image = bool(d.images) and (mode != "text" or not t)
+            if mode == "mixed" and t and d.images:
+                rng = np.random.default_rng([seed, i, 0x9E7])
+                use_text = rng.random() < 0.5
+                use_image = not use_text
+                if use_text and dropout > 0:
+                    kept = []
+                    for x in t:
+                        keep = rng.random(len(x)) >= dropout
+                        keep[int(rng.integers(len(x)))] = True  # never an empty query
+                        kept.append([tok for tok, k in zip(x, keep) if k])
+                    t = kept
+            elif mode == "document":
+                use_text, use_image = bool(t), bool(d.images)
+            texts.append(t if use_text else [])
+            images.append(d.images if use_image else [])
+        out.append(retriever.embed_documents(texts, images))
+    return torch.cat(out) if out else torch.zeros(0, retriever.config.dim)
+
+
+@torch.no_grad()
+def query_neighbours(index: Index, queries: torch.Tensor, doc_embeddings: torch.Tensor, bank_embeddings: torch.Tensor,
+                     k: int, own_ids: torch.Tensor | None = None, max_score: float | None = None,
+                     candidates: int = 64, batch_size: int = 1024) -> SearchResult:
+    """Top-k bank entries for each query, never the document's own id (`own_ids`, (N,), for bank
+    documents) and never a near-duplicate of the document: an entry whose document embedding has
+    cosine above `max_score` with the querying document's (`doc_embeddings`, (N, dim)), checked
+    document to document because a text or image query scores lower than the documents it
+    finds. `candidates` entries are searched per query and filtered in rank order.
+    bank_embeddings: (len(index), dim) with row i = the entry of id i. Returns (N, k) scores and
+    ids (query-entry scores; -1 where fewer than k qualify)."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1; found {k}")
+    c = min(max(candidates, k), len(index))
+    scores = torch.full((len(queries), k), float("-inf"))
+    found = torch.full((len(queries), k), -1, dtype=torch.long)
+    for start in range(0, len(queries), batch_size):
+        sl = slice(start, start + batch_size)
+        exclude = own_ids[sl].view(-1, 1) if own_ids is not None else None
+        r = index.search(queries[sl], c, exclude=exclude)
+        ok = r.ids >= 0
+        if max_score is not None:
+            cand = bank_embeddings[r.ids.clamp(min=0)].float()  # (B, c, dim)
+            dup = (cand * doc_embeddings[sl].float().unsqueeze(1)).sum(-1) > max_score
+            ok &= ~dup
+        rank = ok.long().cumsum(1) - 1  # position among the kept candidates
+        take = ok & (rank < k)
+        rows, cols = take.nonzero(as_tuple=True)
+        scores[rows + start, rank[rows, cols]] = r.scores[rows, cols]
+        found[rows + start, rank[rows, cols]] = r.ids[rows, cols]
+    return SearchResult(scores, found)
+
+
 # ================================================================================ evaluation
 
 
