@@ -5,6 +5,9 @@ A model folder holds everything needed to run the model, and nothing is guessed 
     config.json         {"format_version", "model": ModelConfig fields, "step", ...extra}
     model.safetensors   the weights (safetensors save_model, so a tied head stays tied)
     tokenizer/          the MultimodalTokenizer folder (tokenizer.json, multimodal.json, VQ files)
+    retriever/          (optional) the dense retriever, its index and the bank's documents
+                        (model.retrieval.RetrievalBank); required when config.json says
+                        "trained_with_retrieval": true
 
 A training run folder (`runs/default/`) holds such folders under `checkpoints/` and a `latest`
 file naming the newest complete one; `load_pretrained` accepts either a model folder or a run
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR, LATEST_FILE = "config.json", "model.safetensors", "tokenizer", "latest"
+RETRIEVER_DIR = "retriever"
 
 
 class Pretrained(NamedTuple):
@@ -85,9 +89,12 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def save_pretrained(folder: Path, model: Transformer, tokenizer: "MultimodalTokenizer | Path",
-                    info: dict[str, Any] | None = None) -> None:
+                    info: dict[str, Any] | None = None, retriever: Path | None = None) -> None:
     """Fill `folder` (which must exist, usually a temporary one) with a complete model folder.
-    `tokenizer` is a MultimodalTokenizer or the path of a saved tokenizer folder (copied)."""
+    `tokenizer` is a MultimodalTokenizer or the path of a saved tokenizer folder (copied);
+    `retriever` the folder of the retrieval bank (`artifacts/retriever`, copied) if any."""
+    if (info or {}).get("trained_with_retrieval") and retriever is None:
+        raise ValueError("a model trained with retrieval needs its retriever folder in the checkpoint")
     model = getattr(model, "module", model)  # unwrap DDP
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     cfg = {"format_version": FORMAT_VERSION, "model": model.config.to_dict(), **(info or {})}
@@ -97,6 +104,8 @@ def save_pretrained(folder: Path, model: Transformer, tokenizer: "MultimodalToke
         shutil.copytree(tokenizer, folder / TOKENIZER_DIR)
     else:
         tokenizer.save(folder / TOKENIZER_DIR)
+    if retriever is not None:
+        shutil.copytree(retriever, folder / RETRIEVER_DIR)
 
 
 def load_config(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any], Path]:
@@ -128,6 +137,10 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
         missing, unexpected = load_model(model, str(weights), strict=True)
     except RuntimeError as e:
         raise ValueError(f"weights in {weights} do not fit the config in {folder / CONFIG_FILE}: {e}") from None
+    if info.get("trained_with_retrieval") and not (folder / RETRIEVER_DIR).is_dir():
+        raise ValueError(f"{folder} holds a model trained with retrieval, but its {RETRIEVER_DIR}/ folder (the "
+                         "retriever, index and bank it reads at inference) is missing — copy the checkpoint whole, "
+                         f"or add the `make tokenize` output's {RETRIEVER_DIR}/ folder that it was trained with")
     tokenizer = MultimodalTokenizer.from_pretrained(folder / TOKENIZER_DIR)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"{folder}: the tokenizer has {tokenizer.vocab_size} ids but the model only {config.vocab_size}")

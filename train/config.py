@@ -25,6 +25,8 @@ class TrainConfig:
     p_image_first: float = 0.5  # image→caption share of pairs
     caption_dropout: float = 0.15  # caption→image pairs that lose their caption (for guidance)
     cm3_prob: float = 0.0  # documents trained with the CM3 causal-masked (infilling) objective
+    retrieved_max: int = 0  # retrieval augmentation: K neighbours prepended, K uniform in {0..retrieved_max} (0 = off)
+    retrieved_weight: float = 0.1  # loss weight α of targets in the retrieved part (RA-CM3)
     source_weights: dict[str, float] = field(default_factory=dict)  # epoch copies per source, e.g. {"digits": 2}
     eval_every: int = 250  # steps between held-out evaluations (and sample grids)
     eval_rows: int = 64  # held-out rows per evaluation
@@ -44,6 +46,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup < 0:
             raise ValueError(f"need lr > 0, 0 <= min_lr_ratio <= 1, warmup >= 0; got {self.lr}, {self.min_lr_ratio}, {self.warmup}")
+        if self.retrieved_max < 0 or not 0.0 <= self.retrieved_weight <= 1.0:
+            raise ValueError(f"need retrieved_max >= 0 and 0 <= retrieved_weight <= 1; got {self.retrieved_max}, "
+                             f"{self.retrieved_weight}")
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -54,4 +59,6 @@ PRESETS: dict[str, TrainConfig] = {
     # digits are 7k of 27k documents but half of what users try (and the classification target):
     # twice per epoch
     "default": TrainConfig(source_weights={"digits": 2.0}),
+    # the default run with retrieval augmentation (issue 4): 0-2 neighbours prepended per document
+    "ra": TrainConfig(source_weights={"digits": 2.0}, retrieved_max=2),
 }

@@ -14,8 +14,23 @@ import torch
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from train.sequences import Row, SequenceConfig, build_sequence, pack, plan_rows
+from train.sequences import IGNORE, Row, SequenceConfig, build_sequence, neighbour_tokens, pack, plan_rows, with_neighbours
 from train.shards import Shard
+
+NEIGHBOURS_FILE = "neighbours.npy"  # (num_docs, k) int64 train-shard ids, -1 padded (train/tokenize.py)
+
+
+def load_neighbours(shard: Shard) -> np.ndarray:
+    """The precomputed neighbours of a shard's documents (ids into the train shard)."""
+    path = shard.path / NEIGHBOURS_FILE
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: retrieval-augmented training needs the neighbours that "
+                         "`make tokenize` precomputes (with its default retriever=true); re-run it")
+    nb = np.load(path)
+    if nb.ndim != 2 or len(nb) != len(shard):
+        raise ValueError(f"{path} has shape {nb.shape}, expected ({len(shard)}, k): it belongs to another "
+                         "tokenize run — re-run `make tokenize`")
+    return nb
 
 
 def doc_rng(seed: int, epoch: int, doc: int, copy: int = 0) -> np.random.Generator:
@@ -45,10 +60,16 @@ class PackedRows(Dataset):
     """Map-style dataset of one epoch's packed rows for one rank."""
 
     def __init__(self, shard: Shard, cfg: SequenceConfig, seed: int, epoch: int, rank: int = 0, world: int = 1,
-                 source_weights: dict[str, float] | None = None) -> None:
+                 source_weights: dict[str, float] | None = None, neighbours: np.ndarray | None = None,
+                 bank: Shard | None = None, items: list[tuple[int, int]] | None = None) -> None:
+        """neighbours (num_docs, k) ids into `bank` (the train shard) are required when
+        cfg.retrieved_max > 0. items: the (document, copy) list to use instead of the epoch's."""
         self.shard, self.cfg, self.seed, self.epoch = shard, cfg, seed, epoch
-        self.items = epoch_documents(shard, seed, epoch, source_weights)
-        lengths = [len(self._sequence(k)) for k in range(len(self.items))]
+        if cfg.retrieved_max > 0 and (neighbours is None or bank is None):
+            raise ValueError("retrieved_max > 0 needs the precomputed neighbours and the train shard they index")
+        self.neighbours, self.bank = (neighbours, bank) if cfg.retrieved_max > 0 else (None, None)
+        self.items = epoch_documents(shard, seed, epoch, source_weights) if items is None else items
+        lengths = [len(self._sequence(k)[0]) for k in range(len(self.items))]
         rows = plan_rows(lengths, cfg.block_size)
         per_rank = len(rows) // world
         if per_rank == 0:
@@ -56,16 +77,29 @@ class PackedRows(Dataset):
         self.rows = rows[rank::world][:per_rank]
         self.num_truncated = sum(1 for L in lengths if L - 1 > cfg.block_size)
 
-    def _sequence(self, k: int) -> np.ndarray:
+    def _sequence(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Item k's token sequence and its per-token loss weights (None: all 1.0, no retrieval)."""
         doc, copy = self.items[k]
-        return build_sequence(self.shard.document(doc), doc_rng(self.seed, self.epoch, doc, copy), self.cfg)
+        rng = doc_rng(self.seed, self.epoch, doc, copy)
+        seq = build_sequence(self.shard.document(doc), rng, self.cfg)
+        if self.neighbours is None:
+            return seq, None
+        # K drawn after the main document's own choices, so these match a run without retrieval
+        k_doc = int(rng.integers(self.cfg.retrieved_min, self.cfg.retrieved_max + 1))
+        found = [int(i) for i in self.neighbours[doc][:k_doc] if i >= 0]
+        return with_neighbours(seq, [neighbour_tokens(self.bank.document(i)) for i in found],
+                               self.cfg.block_size, self.cfg.retrieved_weight)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        seqs = [self._sequence(k)[: self.cfg.block_size + 1] for k in self.rows[i]]
-        return row_to_tensors(pack(seqs, self.cfg.block_size))
+        built = [self._sequence(k) for k in self.rows[i]]
+        seqs = [s[: self.cfg.block_size + 1] for s, _ in built]
+        if self.neighbours is None:
+            return row_to_tensors(pack(seqs, self.cfg.block_size))
+        weights = [w[: self.cfg.block_size + 1] for _, w in built]
+        return row_to_tensors(pack(seqs, self.cfg.block_size, weights))
 
 
 def row_to_tensors(row: Row) -> dict[str, torch.Tensor]:
@@ -89,3 +123,29 @@ def eval_rows(shard: Shard, cfg: SequenceConfig, seed: int, max_rows: int) -> li
     eval_cfg = SequenceConfig(block_size=cfg.block_size, p_image_first=0.5, caption_dropout=0.0, cm3_prob=0.0)
     ds = PackedRows(shard, eval_cfg, seed=seed, epoch=0)
     return [ds[i] for i in range(min(max_rows, len(ds)))]
+
+
+def retrieval_eval_rows(shard: Shard, cfg: SequenceConfig, seed: int, max_rows: int, neighbours: np.ndarray,
+                        bank: Shard, k: int) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    """Held-out rows for measuring what retrieval does: the eval shard's caption pairs in
+    caption→image order (their neighbours were retrieved with the caption alone, so nothing of
+    the image leaks in), the same documents without and with their k best neighbours.
+    Returns (rows_off, rows_on); in rows_on the retrieved part's targets are IGNORE, so any
+    NLL summed over the rows is the main documents' alone. rows_off has at most max_rows rows."""
+    off_cfg = SequenceConfig(block_size=cfg.block_size, p_image_first=0.0, caption_dropout=0.0, cm3_prob=0.0)
+    on_cfg = SequenceConfig(block_size=cfg.block_size, p_image_first=0.0, caption_dropout=0.0, cm3_prob=0.0,
+                            retrieved_max=k, retrieved_min=k, retrieved_weight=0.0)
+    kinds = np.asarray(shard.segments[:, 0])
+    pairs = [(i, 0) for i, (first, count) in enumerate(np.asarray(shard.docs))
+             if count == 2 and kinds[first] != kinds[first + 1]]
+    order = np.random.default_rng([seed, 0xE7A1]).permutation(len(pairs))
+    off = PackedRows(shard, off_cfg, seed, 0, items=[pairs[j] for j in order])
+    used = [off.items[j] for r in off.rows[:max_rows] for j in r]
+    rows_off = [off[i] for i in range(min(max_rows, len(off)))]
+    on = PackedRows(shard, on_cfg, seed, 0, neighbours=neighbours, bank=bank, items=used)
+    rows_on = []
+    for i in range(len(on)):
+        row = on[i]
+        row["targets"] = row["targets"].masked_fill(row["weights"] == 0, IGNORE)  # the main documents only
+        rows_on.append(row)
+    return rows_off, rows_on

@@ -10,6 +10,9 @@ Sequence shapes (DESIGN.md, "The token stream"):
     caption dropped <bos> <boi> codes <eoi> <eos>        (the unconditional stream of guidance)
     interleaved     <bos> text <boi> codes <eoi> text <boi> codes <eoi> ... <eos>
     CM3 (optional)  <bos> prefix <mask> suffix <infill> span <eom> <eos>
+    retrieval       <bos> neighbour_K <break> ... neighbour_1 <break> main document <eos>
+                    (RA-CM3 / CM3Leon; K drawn per document, the best neighbour next to the main
+                    document, retrieved targets weighted retrieved_weight, the main document 1.0)
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from tokenizers_mm.special import BOI_ID, BOS_ID, EOI_ID, EOM_ID, EOS_ID, INFILL_ID, MASK_ID, PAD_ID
+from tokenizers_mm.special import BOI_ID, BOS_ID, BREAK_ID, EOI_ID, EOM_ID, EOS_ID, INFILL_ID, MASK_ID, PAD_ID
 from train.shards import ShardSegment
 
 IGNORE = -100  # target value the loss skips (padding, document ends)
@@ -34,6 +37,11 @@ class SequenceConfig:
     # and classifier-free guidance works at sampling (CM3Leon uses 10-20%, issue 3)
     caption_dropout: float = 0.15
     cm3_prob: float = 0.0  # share of documents trained with CM3's causal-masked objective (Aghajanyan et al. 2022)
+    # retrieval augmentation: K neighbours, K uniform in {retrieved_min..retrieved_max} per document
+    # (0 = off); needs the neighbours precomputed by `make tokenize`
+    retrieved_max: int = 0
+    retrieved_min: int = 0
+    retrieved_weight: float = 0.1  # loss weight α of targets in the retrieved part (RA-CM3)
 
     def __post_init__(self) -> None:
         for name in ("p_image_first", "caption_dropout", "cm3_prob"):
@@ -42,6 +50,10 @@ class SequenceConfig:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {v}")
         if self.block_size < 8:
             raise ValueError(f"block_size must be at least 8, got {self.block_size}")
+        if not 0 <= self.retrieved_min <= self.retrieved_max:
+            raise ValueError(f"need 0 <= retrieved_min <= retrieved_max, got {self.retrieved_min}, {self.retrieved_max}")
+        if not 0.0 <= self.retrieved_weight <= 1.0:
+            raise ValueError(f"retrieved_weight must be in [0, 1], got {self.retrieved_weight}")
 
 
 def image_block(seg: ShardSegment) -> np.ndarray:
@@ -82,6 +94,38 @@ def cm3_mask(pieces: list[np.ndarray], rng: np.random.Generator) -> list[np.ndar
     span = piece[a:b]
     rest = [*pieces[:k], piece[:a], [MASK_ID], piece[b:], *pieces[k + 1 :]]
     return [np.asarray(p, dtype=np.int64) for p in rest] + [np.asarray([INFILL_ID, *span, EOM_ID], dtype=np.int64)]
+
+
+def neighbour_tokens(segments: Sequence[ShardSegment]) -> np.ndarray:
+    """A retrieved document as it is prepended: caption pairs in caption→image order (no random
+    choices: a neighbour is context, not a training example), stories as they are."""
+    segs = list(segments)
+    if len(segs) == 2 and segs[0].is_image and not segs[1].is_image:
+        segs = [segs[1], segs[0]]
+    pieces = [image_block(s) if s.is_image else s.ids.astype(np.int64) for s in segs]
+    return np.concatenate(pieces).astype(np.int64) if pieces else np.zeros(0, np.int64)
+
+
+def with_neighbours(main: np.ndarray, neighbours: Sequence[np.ndarray], block_size: int,
+                    weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """Prepend retrieved documents to a built sequence `<bos> ... <eos>`.
+
+    neighbours: token arrays (`neighbour_tokens`), best first. Layout: `<bos> n_K <break> ...
+    n_1 <break> main <eos>`, the best next to the main document. While the whole is longer than
+    block_size + 1, the worst neighbour is dropped: the main document is never cut for them.
+    Returns (ids, weights): weights (L,) float32, `weight` on the retrieved part (its tokens and
+    <break>s) and 1.0 on the main document, so the loss of target j is weighted weights[j].
+    """
+    kept = list(neighbours)
+    body = main[1:]  # main without its <bos>
+    while kept and 1 + sum(len(n) + 1 for n in kept) + len(body) > block_size + 1:
+        kept.pop()  # the worst-ranked neighbour goes first
+    retrieved = [np.concatenate([n, [BREAK_ID]]) for n in reversed(kept)]
+    n_ret = sum(len(r) for r in retrieved)
+    ids = np.concatenate([[BOS_ID], *retrieved, body]).astype(np.int64)
+    weights = np.ones(len(ids), np.float32)
+    weights[1 : 1 + n_ret] = weight
+    return ids, weights
 
 
 class Row(NamedTuple):

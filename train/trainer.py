@@ -34,7 +34,7 @@ from model.transformer import Transformer, lm_loss
 from tokenizers_mm.multimodal import MultimodalTokenizer
 from train.config import PRESETS, TrainConfig
 from train.overrides import apply_overrides
-from train.pipeline import PackedRows, eval_rows, make_loader
+from train.pipeline import PackedRows, eval_rows, load_neighbours, make_loader, retrieval_eval_rows
 from train.sequences import SequenceConfig
 from train.shards import Shard
 
@@ -116,8 +116,9 @@ class Checkpointer:
     """Writes checkpoint folders `run/checkpoints/step_NNNNNN/` (model folder + train_state.pt)
     atomically, then points `run/latest` at the newest; keeps the last `keep`."""
 
-    def __init__(self, run: Path, cfg: TrainConfig, tokenizer_dir: Path, d: Dist) -> None:
+    def __init__(self, run: Path, cfg: TrainConfig, tokenizer_dir: Path, d: Dist, retriever_dir: Path | None = None) -> None:
         self.run, self.cfg, self.tokenizer_dir, self.d = run, cfg, tokenizer_dir, d
+        self.retriever_dir = retriever_dir  # copied into every checkpoint, so sampling can retrieve
         self.last_saved = -1
 
     def should_save(self, step: int, last_step: bool) -> bool:
@@ -131,10 +132,11 @@ class Checkpointer:
         name = f"step_{step:06d}"
         state = {"step": step, "epoch": epoch, "loader": loader_state, "optimizer": optimizer.state_dict(),
                  "rng": torch.get_rng_state()}
-        info = {"step": step, "train_config": dataclasses.asdict(self.cfg), "metrics": metrics}
+        info = {"step": step, "train_config": dataclasses.asdict(self.cfg), "metrics": metrics,
+                "trained_with_retrieval": self.cfg.retrieved_max > 0, "retrieval_k": self.cfg.retrieved_max}
 
         def fill(folder: Path) -> None:
-            save_pretrained(folder, model, self.tokenizer_dir, info)
+            save_pretrained(folder, model, self.tokenizer_dir, info, self.retriever_dir)
             torch.save(state, folder / STATE_FILE)
 
         write_atomic_folder(self.run / "checkpoints" / name, fill)
@@ -230,11 +232,13 @@ def write_sample_grid(model: Transformer, tokenizer: MultimodalTokenizer, out: P
 
 # ---------------------------------------------------------------------------------------------
 def batches(cfg: TrainConfig, shard: Shard, seq_cfg: SequenceConfig, d: Dist, epoch: int,
-            loader_state: dict | None, state: dict) -> Iterator[dict[str, torch.Tensor]]:
+            loader_state: dict | None, state: dict, neighbours: Any = None) -> Iterator[dict[str, torch.Tensor]]:
     """Endless batches across epochs; `state` always holds the epoch and the loader's position
-    as of the last batch handed out."""
+    as of the last batch handed out. neighbours: the train shard's precomputed neighbours
+    (retrieval augmentation), or None."""
     while True:
-        ds = PackedRows(shard, seq_cfg, cfg.seed, epoch, d.rank, d.world, cfg.source_weights or None)
+        ds = PackedRows(shard, seq_cfg, cfg.seed, epoch, d.rank, d.world, cfg.source_weights or None,
+                        neighbours=neighbours, bank=shard)
         loader = make_loader(ds, cfg.batch_size, loader_state)
         loader_state = None
         for batch in loader:
@@ -297,10 +301,20 @@ def _train(cfg: TrainConfig, data: Path, run: Path, resume: str, steps: int | No
     if cfg.compile:
         train_model = torch.compile(train_model)
 
-    seq_cfg = SequenceConfig(cfg.block_size, cfg.p_image_first, cfg.caption_dropout, cfg.cm3_prob)
+    seq_cfg = SequenceConfig(cfg.block_size, cfg.p_image_first, cfg.caption_dropout, cfg.cm3_prob,
+                             retrieved_max=cfg.retrieved_max, retrieved_weight=cfg.retrieved_weight)
     held_out = eval_rows(eval_shard, seq_cfg, cfg.seed, cfg.eval_rows) if eval_shard is not None and len(eval_shard) else []
+    neighbours, held_out_ra = None, None
+    if cfg.retrieved_max > 0:
+        neighbours = load_neighbours(shard)
+        if held_out:  # the same caption→image pairs without and with retrieval (main documents' NLL only)
+            held_out_ra = retrieval_eval_rows(eval_shard, seq_cfg, cfg.seed, cfg.eval_rows, load_neighbours(eval_shard),
+                                              shard, cfg.retrieved_max)
+    retriever_dir = data / "retriever"
+    if cfg.retrieved_max > 0 and not retriever_dir.is_dir():
+        raise ValueError(f"retrieved_max > 0 but {retriever_dir} is missing: run `make tokenize` with retriever=true")
     image_range = (tokenizer.image_offset, tokenizer.vocab_size)
-    checkpointer = Checkpointer(run, cfg, tok_dir, d)
+    checkpointer = Checkpointer(run, cfg, tok_dir, d, retriever_dir if retriever_dir.is_dir() else None)
     checkpointer.last_saved = start_step
     run.mkdir(parents=True, exist_ok=True)
     metrics_file = run / "metrics.jsonl"
@@ -311,7 +325,7 @@ def _train(cfg: TrainConfig, data: Path, run: Path, resume: str, steps: int | No
               f"{'resuming at step ' + str(start_step) if start_step else 'from scratch'}")
 
     loader_pos: dict[str, Any] = {"epoch": epoch, "loader": loader_state}
-    stream = batches(cfg, shard, seq_cfg, d, epoch, loader_state, loader_pos)
+    stream = batches(cfg, shard, seq_cfg, d, epoch, loader_state, loader_pos, neighbours)
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * d.world
     bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=not d.is_main, dynamic_ncols=True)
     last: dict[str, Any] = {}
@@ -362,6 +376,10 @@ def _train(cfg: TrainConfig, data: Path, run: Path, resume: str, steps: int | No
                         f.write(json.dumps(last) + "\n")
             if held_out and (step % cfg.eval_every == 0 or last_step):
                 ev = evaluate(model, held_out, cfg, image_range, d.device)
+                if held_out_ra is not None:
+                    for prefix, rows in zip(("c2i", "ra"), held_out_ra):
+                        ev.update({k.replace("eval_", f"eval_{prefix}_"): v
+                                   for k, v in evaluate(model, rows, cfg, image_range, d.device).items()})
                 if d.is_main:
                     ev = {"step": step, **{k: round(v, 4) for k, v in ev.items()}}
                     with open(metrics_file, "a") as f:
