@@ -1,4 +1,5 @@
-"""The Gradio demo: draw, describe, continue a story, classify zero-shot — one model behind all tabs.
+"""The Gradio demo: draw, describe, continue a story, classify zero-shot, see what retrieval finds —
+one model behind all tabs.
 
 Thin by design (STYLE.md §13): `build_demo(mm)` lays out the tabs and wires handlers that call
 only the public `sample/` API; `serve(demo)` launches it on localhost. Nothing runs at import
@@ -45,6 +46,7 @@ class DemoLimits:
     story_tokens: int = 400  # new tokens per story answer (the model's context bounds it too)
     max_seconds: float = 60.0  # wall-clock budget of one request's generation
     max_labels: int = 32  # labels per classification
+    max_retrieved: int = 16  # documents per retrieval request
     max_upload_mb: float = 10.0  # larger uploads are refused by gradio before any handler runs
     max_upload_pixels: int = 100_000_000  # refused above this (decompression bombs); below, downscaled
     upload_side: int = 512  # uploads are downscaled to fit this side (the model sees far fewer pixels)
@@ -52,7 +54,7 @@ class DemoLimits:
     concurrency: int = 1  # model calls at once: the model holds one KV cache
 
     def __post_init__(self) -> None:
-        for name in ("max_images", "caption_tokens", "story_tokens", "max_labels", "max_upload_pixels",
+        for name in ("max_images", "caption_tokens", "story_tokens", "max_labels", "max_retrieved", "max_upload_pixels",
                      "upload_side", "queue_size", "concurrency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DemoLimits.{name} must be >= 1, got {getattr(self, name)}")
@@ -325,6 +327,25 @@ def build_demo(mm: MultimodalModel, limits: DemoLimits = DemoLimits(), workdir: 
         frame = pd.DataFrame({"label": labels, "posterior": post})
         return dict(zip(labels, post)), frame, f"**{top}** — posterior {max(post):.1%} ({mode}, prior {'given' if prior else 'uniform'})"
 
+    def retrieve(text: str, image: dict | None, k: float) -> tuple[list, str]:
+        """The bank documents retrieved for a prompt (text, an image, or both), with scores."""
+        segments: list[str | Image.Image] = [text.strip()] if (text or "").strip() else []
+        if image:
+            segments.append(open_upload(image, limits))
+        if not segments:
+            raise gr.Error("type a prompt or upload an image to retrieve with")
+        k = int(k or 0)
+        if not 1 <= k <= limits.max_retrieved:
+            raise gr.Error(f"number of documents must be between 1 and {limits.max_retrieved}, got {k}")
+        with lock, user_errors():
+            found = mm.retrieve(segments, k)
+        gallery, lines = [], []
+        for rank, r in enumerate(found, 1):
+            words = " ".join(" ".join(r.document.texts).split()) or "(no text)"
+            gallery += [(for_display(img), f"{rank}. {r.score:.3f} — {words}") for img in r.document.images]
+            lines.append(f"{rank}. **{r.score:.3f}** — {words} (bank document {r.id})")
+        return gallery, "\n".join(lines)
+
     # ------------------------------------------------------------------ layout
     model_event: dict[str, Any] = {"concurrency_id": "model", "concurrency_limit": limits.concurrency}
     # events with uploads take gradio's raw file payloads (preprocess=False): gradio's own image
@@ -399,9 +420,25 @@ def build_demo(mm: MultimodalModel, limits: DemoLimits = DemoLimits(), workdir: 
                              [cls_label, cls_plot, cls_top], api_name="classify", **raw_uploads)
 
         # ------------------------------------------------------------------ retrieval tab
-        # RETRIEVAL TAB GOES HERE (issue 7, item 2): "the documents retrieved for a prompt, with
-        # scores". It waits for the retriever of train/ and its public sample/ API, being built
-        # now; until then no tab is shown rather than one that pretends to work.
+        # only for a checkpoint that carries a retrieval bank: no tab rather than one that cannot work
+        if mm.can_retrieve:
+            with gr.Tab("retrieval"):
+                gr.Markdown("The training documents closest to a prompt, as the retriever finds them"
+                            + (" — the model reads them before the prompt when it generates." if mm.trained_with_retrieval
+                               else " (this model was trained without retrieval: generation does not use them)."))
+                with gr.Row():
+                    with gr.Column():
+                        ret_text = gr.Textbox(label="prompt", placeholder="a small red circle in the top left")
+                        ret_image = gr.Image(label="image (optional)", type="filepath", sources=["upload", "clipboard"],
+                                             height=192, elem_classes=["pixelated"])
+                        ret_k = gr.Slider(1, limits.max_retrieved, value=4, step=1, label="documents")
+                        ret_button = gr.Button("retrieve", variant="primary", elem_id="ret_button")
+                    with gr.Column():
+                        ret_gallery = gr.Gallery(label="retrieved (rank, score, text)", columns=4, format="png")
+                        ret_list = gr.Markdown(elem_id="ret_list")
+                gr.Examples([[c] for c in examples["captions"]], inputs=[ret_text], label="captions from the eval data")
+                ret_button.click(retrieve, [ret_text, ret_image, ret_k], [ret_gallery, ret_list], api_name="retrieve",
+                                 **raw_uploads)
 
     demo.queue(max_size=limits.queue_size, default_concurrency_limit=limits.concurrency)
     demo.upload_limits = limits  # read by serve() for max_file_size

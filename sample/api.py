@@ -6,7 +6,12 @@
     docs[0].images[0].save("circle.png")
 
 Prompts are documents: a list of text strings and PIL images (or a `Document`). The result of
-each sample is a Document holding only the new segments. `on_token(sample, token_id)` streams
+each sample is a Document holding only the new segments.
+
+Retrieval (RA-CM3 / CM3Leon): a checkpoint with a `retriever/` folder can `retrieve(prompt, k)`
+documents from its training bank; `generate(..., retrieve=...)` prepends them behind `<break>`
+as in training (on by default for a model trained with retrieval) and reports them with their
+scores in `Generation.retrieved`. `on_token(sample, token_id)` streams
 every drawn token; `on_image(sample, image)` every image as soon as its last code is drawn.
 """
 from __future__ import annotations
@@ -19,7 +24,8 @@ from typing import Callable, Literal, Sequence
 import torch
 from PIL import Image
 
-from model.checkpoint import load_pretrained
+from model.checkpoint import RETRIEVER_DIR, load_pretrained
+from model.retrieval import RetrievalBank
 from model.transformer import Transformer
 from sample.generate import SamplingConfig, generate_ids, image_state
 from tokenizers_mm import special
@@ -29,27 +35,81 @@ from tokenizers_mm.multimodal import MultimodalTokenizer
 Next = Literal["auto", "image", "text"]
 
 
+@dataclass(frozen=True)
+class Retrieved:
+    """One document retrieved from the bank for a prompt."""
+
+    score: float  # cosine similarity of the prompt's and the document's embeddings, in [-1, 1]
+    document: Document  # decoded from the bank's token ids
+    id: int  # the bank entry (= document index in the training shard)
+    ids: list[int] = field(default_factory=list, repr=False)  # its token ids, as prepended
+
+
 @dataclass
 class Generation:
     """What `MultimodalModel.generate` returns for one sample."""
 
     document: Document  # the new segments only
     ids: list[int]  # the new token ids
-    prompt_ids: list[int] = field(default_factory=list)  # the prompt as the model saw it
+    prompt_ids: list[int] = field(default_factory=list)  # the prompt as the model saw it (retrieved part included)
+    retrieved: list[Retrieved] = field(default_factory=list)  # prepended documents, best first (empty: no retrieval)
 
 
 class MultimodalModel:
     """A trained model and its tokenizer, ready to sample."""
 
-    def __init__(self, model: Transformer, tokenizer: MultimodalTokenizer) -> None:
+    def __init__(self, model: Transformer, tokenizer: MultimodalTokenizer, bank: RetrievalBank | None = None,
+                 trained_with_retrieval: bool = False, retrieval_k: int = 2) -> None:
+        if trained_with_retrieval and bank is None:
+            raise ValueError("a model trained with retrieval needs its retrieval bank (model.retrieval.RetrievalBank)")
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.bank = bank
+        self.trained_with_retrieval = trained_with_retrieval
+        self.retrieval_k = max(1, retrieval_k)  # default k: the most neighbours the model saw in training
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu") -> "MultimodalModel":
-        """Load a model folder or a run folder's newest checkpoint (see model/checkpoint.py)."""
+        """Load a model folder or a run folder's newest checkpoint (see model/checkpoint.py), with
+        its retrieval bank when the folder has one."""
         loaded = load_pretrained(path, device=device)
-        return cls(loaded.model, loaded.tokenizer)
+        folder = loaded.path / RETRIEVER_DIR
+        bank = RetrievalBank.load(folder) if folder.is_dir() else None
+        return cls(loaded.model, loaded.tokenizer, bank, bool(loaded.info.get("trained_with_retrieval")),
+                   int(loaded.info.get("retrieval_k") or 2))
+
+    @property
+    def can_retrieve(self) -> bool:
+        """True when the checkpoint carries a retrieval bank."""
+        return self.bank is not None
+
+    @staticmethod
+    def _document(prompt: Document | Sequence[Segment] | str) -> Document:
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        return prompt if isinstance(prompt, Document) else Document(list(prompt))
+
+    @torch.no_grad()
+    def retrieve(self, prompt: Document | Sequence[Segment] | str, k: int = 2) -> list[Retrieved]:
+        """The k bank documents closest to the prompt (its text, its images, or both: the
+        normalised mean of their embeddings, as the bank embeds documents), best first."""
+        if self.bank is None:
+            raise ValueError("this checkpoint has no retriever/ folder: it cannot retrieve (train with a "
+                             "`make tokenize` output that includes the retriever)")
+        if not 1 <= k <= 64:
+            raise ValueError(f"k must be between 1 and 64, got {k}")
+        doc = self._document(prompt)
+        texts = [t for t in (self.tokenizer.encode_text(x) for x in doc.texts if x.strip()) if t]
+        if not texts and not doc.images:
+            raise ValueError("the prompt is empty: give some text or an image to retrieve with")
+        query = self.bank.retriever.embed_documents([texts], [doc.images])
+        found = self.bank.index.search(query, min(k, len(self.bank.index)))
+        out = []
+        for score, i in zip(found.scores[0].tolist(), found.ids[0].tolist()):
+            if i >= 0:
+                ids = self.bank.documents[i]
+                out.append(Retrieved(float(score), self.tokenizer.decode(ids), int(i), ids))
+        return out
 
     @property
     def context(self) -> int:
@@ -87,12 +147,16 @@ class MultimodalModel:
     def generate(self, prompt: Document | Sequence[Segment] | str, *, n: int = 1, next: Next = "auto",
                  max_new_tokens: int | None = None, sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
                  on_token: Callable[[int, int], None] | None = None,
-                 on_image: Callable[[int, Image.Image], None] | None = None) -> list[Generation]:
+                 on_image: Callable[[int, Image.Image], None] | None = None,
+                 retrieve: bool | None = None, k: int | None = None) -> list[Generation]:
         """Sample n continuations of a prompt document.
 
         next: "image" draws exactly one image; "text" writes text until the model ends it (at
         <eos> or where it would begin an image); "auto" continues freely, interleaving text and
         images, until <eos> or max_new_tokens.
+        retrieve: prepend the k documents retrieved for the prompt, `<bos> d_k <break> ... d_1
+        <break> prompt` as in training (None: on when the model was trained with retrieval);
+        the worst are dropped first if the context is short. k None: the training maximum.
         """
         if n < 1 or n > 256:
             raise ValueError(f"n must be between 1 and 256, got {n}")
@@ -103,9 +167,19 @@ class MultimodalModel:
             max_new_tokens = tok.image_tokens + 1 if next == "image" else (64 if next == "text" else 4 * (tok.image_tokens + 2) + 64)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-        ids = self._fit(self.prompt_ids(prompt, next), max_new_tokens)
-        if len(ids) <= 1 and next == "text":
+        use = self.trained_with_retrieval if retrieve is None else bool(retrieve)
+        if use and self.bank is None:
+            raise ValueError("retrieve=True, but this checkpoint has no retriever/ folder; pass retrieve=False")
+        own = self.prompt_ids(prompt, next)
+        if len(own) <= 1 and next == "text":
             raise ValueError("the prompt is empty: give some text or an image to continue from")
+        doc = self._document(prompt)
+        retrieved = self.retrieve(doc, k or self.retrieval_k) if use and (doc.images or "".join(doc.texts).strip()) else []
+        # the worst neighbours go first when the context is short: the prompt is never cut for them
+        while retrieved and 1 + sum(len(r.ids) + 1 for r in retrieved) + len(own) - 1 > self.context - max_new_tokens:
+            retrieved.pop()
+        prefix = [t for r in reversed(retrieved) for t in (*r.ids, special.BREAK_ID)]
+        ids = self._fit([special.BOS_ID, *prefix, *own[1:]], max_new_tokens)
         # the guidance stream sees no prompt content, as a caption-dropped training sequence
         uncond = [special.BOS_ID] + ([special.BOI_ID] if ids[-1] == special.BOI_ID else [])
         images_done: dict[int, list[int]] = {}
@@ -131,7 +205,7 @@ class MultimodalModel:
         for row in new:
             row = [t for t in row if t != special.PAD_ID]
             full = (ids[-1:] if ids[-1] == special.BOI_ID else []) + row  # an open <boi> belongs to the new image
-            out.append(Generation(tok.decode(full), row, ids))
+            out.append(Generation(tok.decode(full), row, ids, list(retrieved)))
         return out
 
     def text_to_image(self, text: str, *, n: int = 1, guidance: float = 3.0, temperature: float = 1.0,

@@ -1,11 +1,12 @@
 """`python -m sample`: command lines for scripts.
 
     python -m sample generate --ckpt runs/default --prompt "a small red circle in the top left" \\
-        [--image in.png ...] [--next image|text|auto] --n 4 --seed 0 --out OUT
+        [--image in.png ...] [--next image|text|auto] --n 4 --seed 0 --out OUT [--retrieval auto|on|off --k K]
 
 `<image>` in the prompt stands for the next --image file (images without a placeholder follow the
 text). Writes OUT/sample<i>_<j>.png, OUT/result.json (each sample a list of segments
-{"text": ...} or {"image": "relative/path.png"}) and OUT/index.html showing the result.
+{"text": ...} or {"image": "relative/path.png"}; "retrieved": the documents prepended from the
+retrieval bank, with their scores and bank ids) and OUT/index.html showing the result.
 Exit codes: 0 ok, 2 bad input (with a message naming what was wrong).
 """
 from __future__ import annotations
@@ -39,8 +40,10 @@ def parse_prompt(text: str, image_paths: list[str], size: int) -> list[Segment]:
     return segments
 
 
-def write_result(out: Path, prompt: list[Segment], samples: list[list[Segment]]) -> dict:
-    """PNG files, result.json and index.html for the samples."""
+def write_result(out: Path, prompt: list[Segment], samples: list[list[Segment]],
+                 retrieved: list[tuple[float, int, list[Segment]]] | None = None) -> dict:
+    """PNG files, result.json and index.html for the samples. retrieved: (score, bank id,
+    segments) of each document prepended by retrieval, best first."""
     out.mkdir(parents=True, exist_ok=True)
 
     def dump(segs: list[Segment], stem: str) -> list[dict]:
@@ -54,7 +57,9 @@ def write_result(out: Path, prompt: list[Segment], samples: list[list[Segment]])
                 items.append({"image": name})
         return items
 
-    result = {"prompt": dump(prompt, "prompt"), "samples": [dump(s, f"sample{i}") for i, s in enumerate(samples)]}
+    result = {"prompt": dump(prompt, "prompt"), "samples": [dump(s, f"sample{i}") for i, s in enumerate(samples)],
+              "retrieved": [{"score": round(score, 6), "id": i, "segments": dump(segs, f"retrieved{j}")}
+                            for j, (score, i, segs) in enumerate(retrieved or [])]}
     (out / "result.json").write_text(json.dumps(result, indent=2))
 
     def render(items: list[dict]) -> str:
@@ -65,7 +70,10 @@ def write_result(out: Path, prompt: list[Segment], samples: list[list[Segment]])
     (out / "index.html").write_text(
         "<!doctype html><meta charset='utf-8'><title>samples</title>"
         "<style>body{font-family:sans-serif}td{padding:6px;vertical-align:middle}span{margin:0 6px}</style>"
-        f"<h3>prompt</h3><p>{render(result['prompt'])}</p><h3>samples</h3><table>{rows}</table>")
+        f"<h3>prompt</h3><p>{render(result['prompt'])}</p>"
+        + ("<h3>retrieved</h3><table>" + "".join(f"<tr><td>{r['score']:.3f}</td><td>{render(r['segments'])}</td></tr>"
+                                                 for r in result["retrieved"]) + "</table>" if result["retrieved"] else "")
+        + f"<h3>samples</h3><table>{rows}</table>")
     return result
 
 
@@ -80,9 +88,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
                               image_top_k=args.image_top_k, guidance=args.guidance, strategy=args.strategy)
     mm = MultimodalModel.from_pretrained(args.ckpt)
     prompt = parse_prompt(args.prompt or "", args.image or [], mm.tokenizer.image_size)
+    retrieve = {"auto": None, "on": True, "off": False}[args.retrieval]
     gens = mm.generate(prompt, n=args.n, next=args.next, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                       seed=args.seed)
-    result = write_result(Path(args.out), prompt, [g.document.segments for g in gens])
+                       seed=args.seed, retrieve=retrieve, k=args.k)
+    retrieved = [(r.score, r.id, r.document.segments) for r in gens[0].retrieved]
+    result = write_result(Path(args.out), prompt, [g.document.segments for g in gens], retrieved)
+    for r in result["retrieved"]:
+        print(f"retrieved {r['id']} (score {r['score']:.3f}): " + " ".join(x.get("text", f"[{x.get('image')}]") for x in r["segments"]))
     for i, s in enumerate(result["samples"]):
         print(f"sample {i}: " + " ".join(x.get("text", f"[{x.get('image')}]") for x in s))
     print(f"wrote {args.out}/result.json and {args.out}/index.html")
@@ -160,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--image-temperature", type=float, default=1.0)
     g.add_argument("--image-top-k", type=int, default=None)
+    g.add_argument("--retrieval", default="auto", choices=["auto", "on", "off"],
+                   help="prepend documents retrieved for the prompt (auto: if the model was trained with retrieval)")
+    g.add_argument("--k", type=int, default=None, help="documents to retrieve (default: the training maximum)")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("classify", help="zero-shot classification by Bayes' rule")

@@ -68,7 +68,7 @@ def test_build_demo_returns_unlaunched_blocks_with_one_endpoint_per_tab(tiny_run
     blocks = app.build_demo(MultimodalModel.from_pretrained(tiny_run), workdir=tmp_path)
     assert isinstance(blocks, gr.Blocks) and not getattr(blocks, "is_running", False)
     names = {fn.api_name for fn in blocks.fns.values() if fn.api_name}
-    assert {"text_to_image", "caption", "story", "classify"} <= names
+    assert {"text_to_image", "caption", "story", "classify", "retrieve"} <= names  # tiny artifacts carry a retriever
     # nothing built at import: no model, Blocks or lock in the module, no file written next to it
     assert not [k for k, v in vars(app).items() if isinstance(v, (gr.Blocks, MultimodalModel, type(threading.Lock())))]
     assert not (ROOT / "demo" / "app.pyi").exists()
@@ -116,6 +116,20 @@ def test_classification_gives_a_posterior_over_the_labels_and_its_top_label(clie
     assert label["label"] == max(confidences, key=confidences.get) and top.startswith(f"**{label['label']}**")
     assert {row[0]: row[1] for row in plot["data"]} == pytest.approx(confidences)
     assert "prior given" in top
+
+
+def test_retrieval_tab_shows_the_documents_retrieved_for_a_prompt_with_their_scores(client, files):
+    gallery, listing = client.predict("a handwritten digit seven", None, 3, api_name="/retrieve")
+    lines = listing.splitlines()
+    assert [l.split(".")[0] for l in lines] == ["1", "2", "3"], listing
+    scores = [float(l.split("**")[1]) for l in lines]
+    assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores)
+    assert len(gallery) >= 3 and all(Image.open(g["image"]).size == (256, 256) for g in gallery)
+    assert gallery[0]["caption"].startswith("1. ")
+    _, listing = client.predict("", handle_file(files["red.png"]), 2, api_name="/retrieve")  # an image alone
+    assert len(listing.splitlines()) == 2
+    with pytest.raises(Exception, match="type a prompt or upload an image"):
+        client.predict("", None, 2, api_name="/retrieve")
 
 
 @pytest.mark.parametrize("labels, template, prior, message", [

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 
 
-from conftest import env  # noqa: E402
+from conftest import RA_SETTINGS, env  # noqa: E402
 
 
 def train_cmd(data: Path, out: Path, *sets: str) -> list[str]:
@@ -39,6 +39,10 @@ def test_make_tokenize_tiny_writes_tokenizer_shards_and_report(tiny_artifacts):
     assert report["bad_inputs"]["count"] == 0
     assert (tiny_artifacts / "tokenizer" / "tokenizer.json").is_file()
     assert (tiny_artifacts / "shards" / "train" / "index.json").is_file()
+    ret = report["retriever"]
+    assert set(ret["eval"]) == {"shapes", "digits"} and 0 <= ret["eval"]["digits"]["t2i_recall@5"] <= 1
+    assert 0 <= ret["zero_shot_digits_accuracy"] <= 1 and "corrupted_removed" in ret["curation_demo"]["shapes"]
+    assert ret["neighbours"]["train"]["filled"] > 0.9
 
 
 def test_training_lowers_held_out_loss_and_writes_a_loadable_checkpoint(tiny_artifacts, tmp_path):
@@ -57,13 +61,14 @@ def test_training_lowers_held_out_loss_and_writes_a_loadable_checkpoint(tiny_art
     assert torch.isfinite(loaded.model(ids)).all()
 
 
-def test_a_run_killed_mid_training_resumes_to_the_same_weights_bitwise(tiny_artifacts, tmp_path):
+@pytest.mark.parametrize("sets", [(), RA_SETTINGS], ids=["plain", "retrieval"])
+def test_a_run_killed_mid_training_resumes_to_the_same_weights_bitwise(tiny_artifacts, tmp_path, sets):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    r = subprocess.run(train_cmd(tiny_artifacts, straight), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(train_cmd(tiny_artifacts, straight, *sets), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
 
     # slow steps down (1 thread, bigger eval) is not needed: poll for the first checkpoint, then SIGKILL
-    p = subprocess.Popen(train_cmd(tiny_artifacts, killed), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+    p = subprocess.Popen(train_cmd(tiny_artifacts, killed, *sets), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not (killed / "latest").is_file() and p.poll() is None and time.time() < deadline:
@@ -74,7 +79,7 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights_bitwise(tiny_arti
     step_killed = int((killed / "latest").read_text().strip().split("_")[-1])
     assert step_killed < 24
 
-    r = subprocess.run(train_cmd(tiny_artifacts, killed), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(train_cmd(tiny_artifacts, killed, *sets), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resuming at step {step_killed}" in r.stdout + r.stderr
     a = load_file(straight / "checkpoints" / "step_000024" / "model.safetensors")
