@@ -26,7 +26,8 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+import common  # noqa: F401,E402  (puts the project on sys.path)
+from common import machine_info  # noqa: E402
 from model import ModelConfig, Transformer, lm_loss, num_params, preset  # noqa: E402
 
 
@@ -179,25 +180,6 @@ def attention_paths(batch: int, n_head: int, head_dim: int, seqs: tuple[int, ...
         for name, ts in times.items():
             rows.append({"seq": seq, "path": name, "fwd_bwd_ms": 1e3 * statistics.median(ts)})
     return rows
-
-
-def machine_info() -> dict[str, object]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, object] = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-                               "threads": torch.get_num_threads(), "python": platform.python_version()}
-    try:
-        import transformers
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    return info
 
 
 def main() -> None:

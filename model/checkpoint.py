@@ -19,15 +19,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from safetensors.torch import load_model, save_model
 
 from model.config import ModelConfig
 from model.transformer import Transformer
+from tokenizers_mm.atomic import write_atomic_folder, write_text_atomic  # noqa: F401  (re-exported for train/)
 
 if TYPE_CHECKING:
     from tokenizers_mm.multimodal import MultimodalTokenizer
@@ -61,31 +61,6 @@ def resolve(path: str | os.PathLike) -> Path:
         raise ValueError(f"checkpoint not found: {p} — train one with `make tokenize train`")
     raise ValueError(f"{p} is neither a model folder (no {CONFIG_FILE}) nor a run folder (no {LATEST_FILE}) "
                      "— point --ckpt at runs/<name> or one of its checkpoints/step_* folders")
-
-
-def write_atomic_folder(dest: Path, fill: Callable[[Path], None]) -> None:
-    """Create `dest` by filling a temporary sibling folder and renaming it into place."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}.", dir=dest.parent))
-    try:
-        fill(tmp)
-        if dest.exists():
-            old = dest.with_name(f".old-{dest.name}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a small text file so that readers see the old or the new content, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_pretrained(folder: Path, model: Transformer, tokenizer: "MultimodalTokenizer | Path",

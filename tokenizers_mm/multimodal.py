@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +23,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from tokenizers_mm import special
+from tokenizers_mm.atomic import write_atomic_folder
 from tokenizers_mm.document import Document, Segment
 from tokenizers_mm.images import pil_to_tensor, tensor_to_pil, to_rgb
 from tokenizers_mm.text import configure
@@ -221,10 +220,7 @@ class MultimodalTokenizer:
     def save(self, path: str | os.PathLike) -> None:
         """Write the self-contained tokenizer folder (tokenizer.json, multimodal.json and the
         VQ-VAE's config + safetensors weights). Atomic: written beside, then renamed."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        def fill(tmp: Path) -> None:
             self.text.save(str(tmp / "tokenizer.json"))
             self.vq.save(tmp)
             meta = {
@@ -238,16 +234,8 @@ class MultimodalTokenizer:
                 "special_tokens": list(special.SPECIAL_TOKENS),
             }
             (tmp / "multimodal.json").write_text(json.dumps(meta, indent=2))
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        write_atomic_folder(path, fill)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "MultimodalTokenizer":
