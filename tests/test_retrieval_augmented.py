@@ -205,3 +205,19 @@ def test_the_cli_writes_the_retrieved_documents_into_result_json(tiny_ra_run, tm
     assert main(["generate", "--ckpt", str(tiny_ra_run), "--prompt", "a handwritten digit two", "--next", "image",
                  "--n", "1", "--retrieval", "off", "--out", str(tmp_path / "off")]) == 0
     assert json.loads((tmp_path / "off" / "result.json").read_text())["retrieved"] == []
+
+
+def test_the_curation_filter_drops_only_pairs_and_counts_what_it_dropped(tiny_artifacts):
+    from model.retrieval import Retriever
+    from tokenizers_mm.multimodal import MultimodalTokenizer
+    from train.data.shapes import shapes_documents
+    from train.tokenize import PRESETS, curate_documents
+
+    tok = MultimodalTokenizer.from_pretrained(tiny_artifacts / "tokenizer")
+    retriever = Retriever.from_pretrained(tiny_artifacts / "retriever")
+    docs = shapes_documents("train", 120, seed=5)
+    kept, counts = curate_documents(PRESETS["tiny"], retriever, tok, {"shapes": docs})
+    dropped = [d for d in docs if not any(d is k for k in kept["shapes"])]
+    assert len(dropped) == counts["dropped_low_score"] + counts["dropped_duplicate"] > 0
+    assert all(d.is_pair() for d in dropped) and counts["pairs"] == sum(d.is_pair() for d in docs)
+    assert [d for d in docs if not d.is_pair()] == [d for d in kept["shapes"] if not d.is_pair()]  # stories kept, in order

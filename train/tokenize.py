@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -205,7 +206,11 @@ def run(cfg: TokenizeConfig, out: Path, data: list[Path], data_mode: str = "add"
     tok = MultimodalTokenizer(bpe, vq)
     tok.save(out / "tokenizer")
     retriever, retrieval_report = None, {}
-    if cfg.retriever:
+    n_pairs = sum(1 for d in flat(train_docs) if d.texts and d.images)
+    if cfg.retriever and n_pairs < 2:  # e.g. a text-only JSONL corpus: nothing to train a dual encoder on
+        print(f"[tokenize] retriever skipped: {n_pairs} training documents hold both text and an image")
+        retrieval_report = {"skipped": f"{n_pairs} training documents with both text and an image"}
+    elif cfg.retriever:
         retriever, retrieval_report = train_retrieval(cfg, tok, train_docs, eval_docs, out)
         print(f"[tokenize] retriever: {json.dumps(retrieval_report['eval'])} ({time.time() - t0:.1f}s)")
         if cfg.curate:
@@ -216,9 +221,10 @@ def run(cfg: TokenizeConfig, out: Path, data: list[Path], data_mode: str = "add"
     for split in ("train", "eval"):  # never leave neighbours of an earlier run beside new shards
         for name in (NEIGHBOURS_FILE, NEIGHBOUR_SCORES_FILE):
             (out / "shards" / split / name).unlink(missing_ok=True)
-    if retriever is not None:
+    if retriever is None:  # an earlier run's bank would not match these shards
+        shutil.rmtree(out / "retriever", ignore_errors=True)
+    else:
         retrieval_report["neighbours"] = write_neighbours(cfg, retriever, tok, train_docs, eval_docs, out)
-        retrieval_report["seconds_total"] = round(time.time() - t0 - retrieval_report["seconds_before_shards"], 1)
         print(f"[tokenize] neighbours: {json.dumps(retrieval_report['neighbours'])} ({time.time() - t0:.1f}s)")
     report = {
         "preset": dataclasses.asdict(cfg),
@@ -283,7 +289,7 @@ def train_retrieval(cfg: TokenizeConfig, tok: MultimodalTokenizer, train_docs: d
         probs = zero_shot_classify(retriever, tok, dig.images, DIGIT_WORDS, DIGIT_TEMPLATES)
         report["zero_shot_digits_accuracy"] = round(float((probs.argmax(1) == labels).float().mean()), 4)
     report["seconds_train"] = round(t_train, 1)
-    report["seconds_before_shards"] = round(time.time() - t0, 1)
+    report["seconds_train_and_eval"] = round(time.time() - t0, 1)
     return retriever, report
 
 
@@ -343,6 +349,7 @@ def write_neighbours(cfg: TokenizeConfig, retriever: Any, tok: MultimodalTokeniz
     from train.retriever import document_embeddings, query_embeddings, query_neighbours
     from train.shards import Shard
 
+    t0 = time.time()
     train_flat, eval_flat = flat(train_docs), flat(eval_docs)
     emb = document_embeddings(retriever, tok, train_flat)  # (N, dim)
     ids = torch.arange(len(emb))
@@ -363,6 +370,7 @@ def write_neighbours(cfg: TokenizeConfig, retriever: Any, tok: MultimodalTokeniz
         valid = r.ids >= 0
         stats[split] = {"docs": len(docs), "filled": round(float(valid.float().mean()), 4),
                         "mean_top1_score": round(float(r.scores[valid[:, 0], 0].mean()), 4) if valid[:, 0].any() else None}
+    stats["seconds"] = round(time.time() - t0, 1)
     return stats
 
 
