@@ -94,6 +94,8 @@ PRESETS: dict[str, TokenizeConfig] = {
                            digits_augment_copies=0, retriever_preset="tiny", retriever_time_limit_s=None),
     # this 2-core CPU, at most 6 minutes (issue 2)
     "default": TokenizeConfig(),
+    # the same artifacts (retriever and neighbours included), so that `make tokenize train PRESET=ra` works
+    "ra": TokenizeConfig(),
 }
 
 
