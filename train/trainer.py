@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -396,6 +397,8 @@ def _train(cfg: TrainConfig, data: Path, run: Path, resume: str, steps: int | No
         if step > checkpointer.last_saved:
             checkpointer.save(step, model, optimizer, loader_pos["epoch"], loader_pos["loader"], last)
             bar.write(f"[train] interrupted: saved step {step} to {run}; `make train` resumes from it")
+        elif d.is_main:
+            bar.write(f"[train] interrupted at step {step}, already saved; `make train` resumes from it")
         raise
     finally:
         bar.close()
@@ -421,6 +424,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", default="auto", choices=["auto", "never", "must"])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TrainConfig field")
     args = p.parse_args(argv)
+
+    def stop(signum: int, frame: Any) -> None:  # a polite kill (SIGTERM) saves a checkpoint like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         cfg = apply_overrides(PRESETS[args.preset], args.set)
         train(cfg, args.data, args.out or Path("runs") / args.preset, args.resume, args.steps)
