@@ -221,3 +221,11 @@ def test_the_curation_filter_drops_only_pairs_and_counts_what_it_dropped(tiny_ar
     assert len(dropped) == counts["dropped_low_score"] + counts["dropped_duplicate"] > 0
     assert all(d.is_pair() for d in dropped) and counts["pairs"] == sum(d.is_pair() for d in docs)
     assert [d for d in docs if not d.is_pair()] == [d for d in kept["shapes"] if not d.is_pair()]  # stories kept, in order
+
+
+def test_a_retrieval_run_logs_held_out_nll_with_and_without_retrieval(tiny_ra_run):
+    evals = [json.loads(x) for x in (tiny_ra_run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]
+    last = evals[-1]
+    for key in ("eval_image_nll", "eval_c2i_image_nll", "eval_ra_image_nll", "eval_ra_text_nll"):
+        assert np.isfinite(last[key]) and last[key] > 0, key
+    assert last["eval_ra_image_nll"] != last["eval_c2i_image_nll"]  # neighbours reached the model
