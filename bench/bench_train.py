@@ -185,7 +185,7 @@ def attention_paths(batch: int, n_head: int, head_dim: int, seqs: tuple[int, ...
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="default")
-    parser.add_argument("--vocab", type=int, default=4600)
+    parser.add_argument("--vocab", type=int, default=1015, help="the default tokenizer's vocabulary (503 BPE + 512 codes)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
