@@ -25,7 +25,7 @@ PYTEST_ARGS ?=
 
 export PYTHONUNBUFFERED := 1
 
-.PHONY: env tokenize train test bench eval sample demo clean
+.PHONY: env tokenize train test bench eval eval-retrieval sample demo clean
 
 env: $(STAMP)
 
@@ -62,9 +62,16 @@ bench: $(STAMP)
 	$(PY) bench/bench_sample.py
 	$(PY) bench/bench_classify.py --ckpt $(CKPT)
 	$(PY) bench/bench_index.py
+	$(PY) bench/report.py
 
 eval: $(STAMP)
-	$(PY) bench/eval.py --ckpt $(CKPT)
+	$(PY) bench/eval.py --ckpt $(CKPT) $(if $(wildcard $(OUT)/retriever),--retriever $(OUT)/retriever)
+	$(PY) bench/report.py
+
+# held-out image NLL with retrieval on/off (CKPT trained with PRESET=ra; BASELINE= a run without)
+eval-retrieval: $(STAMP)
+	$(PY) bench/eval_retrieval.py --ckpt $(CKPT) --data $(OUT) $(if $(BASELINE),--baseline $(BASELINE))
+	$(PY) bench/report.py
 
 clean:
 	rm -rf $(OUT) runs
