@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, Sequence, runtime_checkable
@@ -31,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from tokenizers_mm.atomic import write_atomic_folder
 from tokenizers_mm.images import pil_to_tensor, to_rgb
 from tokenizers_mm.special import PAD_ID
 
@@ -489,23 +488,6 @@ def _as_ids(ids: torch.Tensor | Sequence[int] | None, n: int, start: int) -> tor
     return ids
 
 
-def _atomic_dir(directory: Path) -> Path:
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-
-
-def _commit_dir(tmp: Path, directory: Path) -> None:
-    """Replace `directory` by the finished `tmp` folder (rename; the old one removed after)."""
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)
-
-
 class ExactIndex:
     """Exact maximum-inner-product search in torch: the bank is a (N, dim) matrix, queries are
     scored chunk by chunk (a (Q, chunk) matmul) and a running top-k is merged, so memory stays
@@ -578,17 +560,14 @@ class ExactIndex:
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write `index.json` + `index.safetensors` (embeddings, ids) into `directory`, atomically."""
-        directory = Path(directory)
-        tmp = _atomic_dir(directory)
-        try:
+        def fill(tmp: Path) -> None:
             save_file({"embeddings": self.embeddings.contiguous(), "ids": self.ids.contiguous()},
                       str(tmp / "index.safetensors"), metadata={"format": "exact_index"})
             meta = {"format_version": INDEX_FORMAT_VERSION, "backend": "exact", "dim": self.dim, "size": len(self),
                     "dtype": str(self.dtype).removeprefix("torch.")}
             (tmp / INDEX_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-            _commit_dir(tmp, directory)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        write_atomic_folder(directory, fill)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "ExactIndex":
@@ -733,16 +712,13 @@ class FaissIndex:
     def save(self, directory: str | os.PathLike) -> None:
         """Write `index.json` + `index.faiss` into `directory`, atomically."""
         faiss = _import_faiss()
-        directory = Path(directory)
-        tmp = _atomic_dir(directory)
-        try:
+        def fill(tmp: Path) -> None:
             faiss.write_index(self.index, str(tmp / "index.faiss"))
             meta = {"format_version": INDEX_FORMAT_VERSION, "backend": "faiss", "kind": self.kind, "dim": self.dim,
                     "size": len(self), "params": self.params}
             (tmp / INDEX_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-            _commit_dir(tmp, directory)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        write_atomic_folder(directory, fill)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "FaissIndex":
