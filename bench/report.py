@@ -6,7 +6,6 @@ always in step with the JSON the benchmark scripts wrote. `make bench` and `make
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import common  # noqa: F401
 from common import RESULTS, ROOT

@@ -27,7 +27,6 @@ from safetensors.torch import load_model, save_model
 
 from model.config import ModelConfig
 from model.transformer import Transformer
-from tokenizers_mm.atomic import write_atomic_folder, write_text_atomic  # noqa: F401  (re-exported for train/)
 
 if TYPE_CHECKING:
     from tokenizers_mm.multimodal import MultimodalTokenizer

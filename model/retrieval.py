@@ -30,6 +30,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from tokenizers_mm.atomic import write_atomic_folder
+from tokenizers_mm.weights import load_weights_strict, read_config, save_config_and_weights
 from tokenizers_mm.images import pil_to_tensor, to_rgb
 from tokenizers_mm.special import PAD_ID
 
@@ -331,46 +332,15 @@ class Retriever(nn.Module):
     def save(self, directory: str | os.PathLike) -> None:
         """Write `retriever_config.json` and `retriever.safetensors` into `directory` (created),
         each atomically (temporary name, then rename)."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
-        tmp_w = d / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
-        save_file(state, str(tmp_w), metadata={"format": "retriever", "config": json.dumps(self.config.to_dict())})
-        os.replace(tmp_w, d / WEIGHTS_FILE)
-        tmp_c = d / f".{CONFIG_FILE}.tmp{os.getpid()}"
-        tmp_c.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        os.replace(tmp_c, d / CONFIG_FILE)
+        save_config_and_weights(self, self.config.to_dict(), directory, CONFIG_FILE, WEIGHTS_FILE, "retriever")
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "Retriever":
         """Load a folder written by `save`, strictly; returns the model in eval mode."""
-        d = Path(directory)
-        if not d.is_dir():
-            raise ValueError(f"retriever folder not found: {d} — train one with `python -m train.retriever --out {d}`")
-        cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
-        for p in (cfg_path, w_path):
-            if not p.is_file():
-                raise ValueError(f"retriever folder {d} has no {p.name}; expected both {CONFIG_FILE} and "
-                                 f"{WEIGHTS_FILE} as written by Retriever.save()")
-        try:
-            cfg_dict = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path} is not valid JSON ({e}); re-save the retriever") from None
+        cfg_dict = read_config(directory, CONFIG_FILE, WEIGHTS_FILE, "retriever",
+                               f"train one with `python -m train.retriever --out {directory}`")
         model = cls(RetrieverConfig.from_dict(cfg_dict))
-        try:
-            state = load_file(str(w_path))
-        except Exception as e:  # safetensors raises its own error types for a corrupt header
-            raise ValueError(f"cannot read {w_path}: {e} — re-save the retriever") from None
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        mismatched = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(expected[k].shape)}"
-                      for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
-        if missing or unexpected or mismatched:
-            raise ValueError(f"weights in {w_path} do not match {cfg_path}: missing {missing}, unexpected "
-                             f"{unexpected}, mismatched shapes {mismatched} — the two files come from different "
-                             "retrievers; re-save them together")
-        model.load_state_dict(state, strict=True)
+        load_weights_strict(model, directory, CONFIG_FILE, WEIGHTS_FILE, "retriever")
         return model.eval()
 
 

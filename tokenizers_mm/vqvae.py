@@ -15,7 +15,6 @@ float32 outside autocast (LIBS.md: under CPU autocast its distances run partly i
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields
@@ -25,7 +24,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from tokenizers_mm.weights import load_weights_strict, read_config, save_config_and_weights
 from vector_quantize_pytorch import VectorQuantize
 
 try:  # k-means init logs through loguru; keep training output to our own progress bar (LIBS.md)
@@ -368,48 +367,19 @@ class VQVAE(nn.Module):
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write `vq_config.json` and `vq.safetensors` into `directory` (created), each atomically."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
-        tmp_w = d / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
-        save_file(state, str(tmp_w), metadata={"format": "vqvae", "config": json.dumps(self.config.to_dict())})
-        os.replace(tmp_w, d / WEIGHTS_FILE)
-        tmp_c = d / f".{CONFIG_FILE}.tmp{os.getpid()}"
-        tmp_c.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        os.replace(tmp_c, d / CONFIG_FILE)
+        save_config_and_weights(self, self.config.to_dict(), directory, CONFIG_FILE, WEIGHTS_FILE, "vqvae")
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "VQVAE":
         """Load a folder written by `save`, strictly; returns the model in eval mode."""
-        d = Path(directory)
-        if not d.is_dir():
-            raise ValueError(f"VQ-VAE folder not found: {d} — train one with `python -m train.vq --out {d}`")
-        cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
-        for p in (cfg_path, w_path):
-            if not p.is_file():
-                raise ValueError(f"VQ-VAE folder {d} has no {p.name}; expected both {CONFIG_FILE} and "
-                                 f"{WEIGHTS_FILE} as written by VQVAE.save()")
-        try:
-            cfg_dict = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path} is not valid JSON ({e}); re-save the model") from None
+        cfg_dict = read_config(directory, CONFIG_FILE, WEIGHTS_FILE, "VQ-VAE",
+                               f"train one with `python -m train.vq --out {directory}`")
         try:
             config = VQConfig.from_dict(cfg_dict)
         except ValueError as e:
-            raise ValueError(f"{cfg_path}: {e}") from None
+            raise ValueError(f"{Path(directory) / CONFIG_FILE}: {e}") from None
         model = cls(config)
-        state = load_file(str(w_path))
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        mismatched = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(expected[k].shape)}"
-                      for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
-        if missing or unexpected or mismatched:
-            raise ValueError(
-                f"weights in {w_path} do not match {cfg_path}: missing {missing}, unexpected {unexpected}, "
-                f"mismatched shapes {mismatched} — the two files come from different models; re-save them together"
-            )
-        model.load_state_dict(state, strict=True)
+        load_weights_strict(model, directory, CONFIG_FILE, WEIGHTS_FILE, "model")
         return model.to(device).eval()
 
 

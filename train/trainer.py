@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model.checkpoint import LATEST_FILE, load_config, resolve, save_pretrained, write_atomic_folder, write_text_atomic
+from model.checkpoint import LATEST_FILE, load_config, resolve, save_pretrained
+from tokenizers_mm.atomic import write_atomic_folder, write_text_atomic
 from model.config import preset as model_preset
 from model.transformer import Transformer, lm_loss
 from tokenizers_mm.multimodal import MultimodalTokenizer
