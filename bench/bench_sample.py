@@ -64,7 +64,16 @@ def ours_uncached(model: Transformer, prompt: torch.Tensor, new: int, text_vocab
     return run
 
 
-def hf_generate(model: Transformer, prompt: torch.Tensor, new: int, bf16: bool):
+def compiled_copy(model: Transformer) -> Transformer:
+    """The same weights with `compile_decoding()` on (compilation is paid in the warm-up call)."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    twin.compile_decoding()
+    return twin
+
+
+def hf_generate(model: Transformer, prompt: torch.Tensor, new: int, bf16: bool, compiled: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     c = model.config
@@ -72,6 +81,9 @@ def hf_generate(model: Transformer, prompt: torch.Tensor, new: int, bf16: bool):
         vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_hidden, num_hidden_layers=c.n_layer,
         num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head, max_position_embeddings=c.block_size,
         rms_norm_eps=c.norm_eps, rope_theta=c.rope_base, attn_implementation="sdpa")).eval()
+    if compiled:  # transformers' documented fast path: a static KV cache and a compiled forward
+        hf.generation_config.cache_implementation = "static"
+        hf.forward = torch.compile(hf.forward, dynamic=False)
 
     def run():
         with torch.no_grad(), autocast(bf16):
@@ -87,12 +99,14 @@ def main() -> None:
     p.add_argument("--grid", type=int, default=8, help="image codes per side")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     args = p.parse_args()
     torch.manual_seed(0)
     model = Transformer(preset(args.preset, vocab_size=args.vocab, block_size=max(128, args.grid ** 2 + 32))).eval()
+    compiled_model = None if args.no_compile else compiled_copy(model)
     text_vocab = args.vocab - 512
     new = args.grid * args.grid + 1
-    rows = []
+    rows, failures = [], {}
     for batch in (1, 16):
         prompt = torch.cat([torch.tensor([[special.BOS_ID]]), torch.randint(9, text_vocab, (1, 8)),
                             torch.tensor([[special.BOI_ID]])], dim=1).repeat(batch, 1)
@@ -100,9 +114,14 @@ def main() -> None:
         for bf16 in (False, True):
             tag = "bf16" if bf16 else "fp32"
             fns[f"ours cached {tag}"] = ours_cached(model, prompt, new, text_vocab, bf16)
+            if not args.no_compile:
+                fns[f"ours cached compiled {tag}"] = ours_cached(compiled_model, prompt, new, text_vocab, bf16)
             fns[f"ours uncached {tag}"] = ours_uncached(model, prompt, new, text_vocab, bf16)
             if not args.no_hf:
                 fns[f"HF generate {tag}"] = hf_generate(model, prompt, new, bf16)
+                if not args.no_compile:
+                    fns[f"HF generate static compiled {tag}"] = hf_generate(model, prompt, new, bf16, compiled=True)
+        fns = {name: fn for name, fn in fns.items() if _works(name, fn, failures)}
         secs = interleaved(fns, args.rounds)
         for name, s in secs.items():
             rows.append({"batch": batch, "name": name, "seconds": s, "images_per_s": batch / s,
@@ -121,7 +140,21 @@ def main() -> None:
                                     "speedup_vs_hf": ours["tokens_per_s"] / hf["tokens_per_s"] if hf else None}
         print(f"batch {batch}: ours {ours['images_per_s']:.2f} images/s; ×{summary[f'batch{batch}']['speedup_vs_uncached']:.2f} "
               f"vs no cache" + (f", ×{summary[f'batch{batch}']['speedup_vs_hf']:.2f} vs HF generate (target >= 2)" if hf else ""))
-    merge_results("sample", {"preset": args.preset, "vocab": args.vocab, "new_tokens": new, "rows": rows, "summary": summary})
+    for name, err in failures.items():
+        print(f"{name}: failed ({err})")
+    merge_results("sample", {"preset": args.preset, "vocab": args.vocab, "new_tokens": new, "rows": rows,
+                             "summary": summary, "failed": failures})
+
+
+def _works(name: str, fn, failures: dict[str, str]) -> bool:
+    """Run fn once (its warm-up: compilation happens here); a contender that fails on this build is
+    reported, not fatal."""
+    try:
+        fn()
+        return True
+    except Exception as e:  # noqa: BLE001 - any failure of a contender is a benchmark finding
+        failures[name] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        return False
 
 
 if __name__ == "__main__":

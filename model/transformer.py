@@ -312,6 +312,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._cache_shape: tuple[int, int] | None = None  # (max_batch_size, max_seq_len) once set up
+        self._compiled_step: Callable[..., Tensor] | None = None  # see compile_decoding()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -434,6 +435,38 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer.forward_cached(x, cos, sin, input_pos, mask, kv_len)
         return self.head(self.norm(x))
+
+    def decode_step(self, idx: Tensor, input_pos: Tensor, key_valid: Tensor) -> Tensor:
+        """One new token per row with static shapes: the decoding step `torch.compile` can fuse.
+
+        idx: (B, 1) long; input_pos: (1,) long, the position written; key_valid: (B, max_seq_len)
+        bool as in forward_cached. Unlike forward_cached it attends to the whole cache (keys past
+        input_pos masked out) instead of slicing the filled prefix, so every step has the same
+        shapes and no host sync: one compiled graph serves a whole generation (gpt-fast's design).
+        Equals forward_cached up to float summation order. Returns logits (B, 1, V).
+        """
+        _, max_len = self._require_caches()
+        mask = (torch.arange(max_len, device=idx.device) <= input_pos)[None, None, None, :]
+        mask = mask & key_valid[:, None, None, :max_len]  # (B, 1, 1, max_len)
+        cos, sin = self._rope(input_pos.unsqueeze(0))
+        x = self.tok_emb(idx)
+        for layer in self.layers:
+            x = layer.forward_cached(x, cos, sin, input_pos, mask, max_len)
+        return self.head(self.norm(x))
+
+    def compile_decoding(self, enable: bool = True) -> None:
+        """Use a `torch.compile`d `decode_step` in the samplers (sample/generate.py).
+
+        Pays about 20-60 s of compilation on this CPU per (batch, cache length) shape, then
+        decodes faster (bench/bench_sample.py); worth it for long or repeated generation
+        (evaluations, benchmarks, a demo server), not for one image from the CLI.
+        """
+        self._compiled_step = torch.compile(self.decode_step, dynamic=False) if enable else None
+
+    def step(self, idx: Tensor, input_pos: Tensor, key_valid: Tensor) -> Tensor:
+        """The decoding step the samplers call: `decode_step`, compiled if `compile_decoding()` ran."""
+        fn = self._compiled_step or self.decode_step
+        return fn(idx, input_pos, key_valid)
 
     def cache_state(self, batch_size: int, length: int) -> CacheState:
         """Copy rows [:batch_size], positions [:length] of every layer's cache (e.g. after a prefill)."""

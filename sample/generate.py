@@ -113,6 +113,7 @@ def generate_ids(model: Transformer, tokenizer: MultimodalTokenizer, prompts: Se
     history = [list(p) for p in prompts]
 
     logits = model.forward_cached(ids.to(device), torch.arange(T0, device=device), key_valid=key_valid)[:, -1]
+    penalise = sampling.repetition_penalty != 1.0
     for t in range(max_new_tokens):
         logits = logits.float().cpu()
         cond = logits[:B]
@@ -128,21 +129,27 @@ def generate_ids(model: Transformer, tokenizer: MultimodalTokenizer, prompts: Se
                                 vocab_size=model.config.vocab_size, image_tokens=n_img,
                                 allow_text=allow_text, allow_image=allow_image)
         mask[:, tokenizer.vocab_size:] = False
-        text_logits = L.repetition_penalty(cond, _history_tensor(history), sampling.repetition_penalty)
-        text_logits = L.top_p_filter(L.top_k_filter(L.apply_mask(text_logits, mask), sampling.top_k), sampling.top_p)
-        image_logits = L.top_k_filter(L.apply_mask(cond, mask), sampling.image_top_k)
-        tok_text = L.sample_token(text_logits, sampling.temperature, generator)
-        tok_image = L.sample_token(image_logits, sampling.image_temperature, generator)
+        active = ~done
+        tok = torch.full((B,), special.PAD_ID, dtype=torch.long)
+        # each modality's filters run only when some live row needs them (inside an image, the
+        # text filters would be discarded: most steps of text→image decoding)
+        if bool((active & ~in_image).any()):
+            text_logits = L.repetition_penalty(cond, _history_tensor(history), sampling.repetition_penalty) \
+                if penalise else cond
+            text_logits = L.top_p_filter(L.top_k_filter(L.apply_mask(text_logits, mask), sampling.top_k), sampling.top_p)
+            tok = L.sample_token(text_logits, sampling.temperature, generator)
+        if bool((active & in_image).any()):
+            image_logits = L.top_k_filter(L.apply_mask(cond, mask), sampling.image_top_k)
+            tok = torch.where(in_image, L.sample_token(image_logits, sampling.image_temperature, generator), tok)
         forced = mask.sum(-1) == 1  # e.g. <eoi> after the last code
-        tok = torch.where(in_image, tok_image, tok_text)
         tok = torch.where(forced, mask.float().argmax(-1), tok)
         tok = torch.where(done, torch.full_like(tok, special.PAD_ID), tok)
-        for r in range(B):
+        for r, v in enumerate(tok.tolist()):
             if done[r]:
                 continue
-            v = int(tok[r])
             out[r].append(v)
-            history[r].append(v)
+            if penalise:
+                history[r].append(v)
             if on_token is not None:
                 on_token(r, v)
             if v == special.BOI_ID:
@@ -160,7 +167,7 @@ def generate_ids(model: Transformer, tokenizer: MultimodalTokenizer, prompts: Se
             break
         step_ids = torch.cat([tok, tok[:B]]) if guided else tok  # the guidance stream follows the draws
         pos = torch.tensor([T0 + t], device=device)
-        logits = model.forward_cached(step_ids[:, None].to(device), pos, key_valid=key_valid)[:, -1]
+        logits = model.step(step_ids[:, None].to(device), pos, key_valid)[:, -1]
     model.clear_caches()
     return out
 

@@ -51,6 +51,31 @@ def test_cached_decoding_matches_full_forward(variant):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_static_decode_step_matches_full_forward_with_left_padding(compiled):
+    # decode_step attends the whole cache (stale and future slots masked): the shapes stay fixed,
+    # so one compiled graph serves every step; it must still equal the uncached forward
+    model = make_model(n_kv_head=2)
+    if compiled:
+        model.compile_decoding()
+    short, long = torch.randint(0, VOCAB, (1, 12)), torch.randint(0, VOCAB, (1, 15))
+    pad = torch.zeros(1, 3, dtype=torch.long)
+    key_valid = torch.ones(2, 20, dtype=torch.bool)
+    key_valid[0, :3] = False
+    with torch.no_grad():
+        model.setup_caches(2, 20)
+        for layer in model.layers:  # stale garbage in the cache must stay invisible
+            layer.attn.kv_cache.k.fill_(1e4)
+        batch = torch.cat([torch.cat([pad, short[:, :5]], dim=1), long[:, :8]])
+        model.forward_cached(batch, torch.arange(8), key_valid=key_valid)
+        rows = torch.cat([torch.cat([pad, short], dim=1), long])
+        steps = [model.step(rows[:, t:t + 1], torch.tensor([t]), key_valid) for t in range(8, 15)]
+        full_short, full_long = model(short), model(long)
+    got = torch.cat(steps, dim=1)
+    torch.testing.assert_close(got[0], full_short[0, 5:12], atol=1e-4, rtol=0)
+    torch.testing.assert_close(got[1], full_long[0, 8:15], atol=1e-4, rtol=0)
+
+
 def test_bf16_cache_under_autocast_decodes_close_to_the_full_forward():
     model = make_model()
     idx = torch.randint(0, VOCAB, (3, 20))
