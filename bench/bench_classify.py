@@ -25,7 +25,7 @@ WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", default="runs/default", help="a trained run (falls back to random weights)")
-    p.add_argument("--images", type=int, default=40)
+    p.add_argument("--images", type=int, default=120, help="digits test images (evenly spaced over the split)")
     args = p.parse_args()
     try:
         from sample.api import MultimodalModel
@@ -34,7 +34,8 @@ def main() -> None:
         model, tok, source = mm.model, mm.tokenizer, args.ckpt
     except ValueError as e:
         raise SystemExit(f"{e}\n(bench_classify needs a trained checkpoint: run `make tokenize train` first)")
-    docs = digits_documents("eval")[: args.images]
+    test = digits_documents("eval")
+    docs = test[:: max(1, len(test) // args.images)][: args.images]  # spread over the split, not its first rows
     labels = torch.tensor([d.meta["label"] for d in docs])
     codes = tok.encode_images([d.images[0] for d in docs])
     captions = [f"a handwritten digit {w}" for w in WORDS]
@@ -44,6 +45,7 @@ def main() -> None:
     naive = naive_scores(model, tok, codes, captions, "image")
     rows["naive loop fp32"] = (time.perf_counter() - t, naive)
     for name, kw in (("batched+cached fp32", dict(bf16=False)), ("batched+cached bf16", dict(bf16=True)),
+                     ("batched+cached fp32, pruned (16 codes, keep 3)", dict(bf16=False, prune_after=16, keep=3)),
                      ("batched+cached bf16, pruned (16 codes, keep 3)", dict(bf16=True, prune_after=16, keep=3))):
         image_loglik(model, tok, codes[:2], captions, **kw)  # warm-up
         t = time.perf_counter()

@@ -69,10 +69,14 @@ class MultimodalModel:
         self.retrieval_k = max(1, retrieval_k)  # default k: the most neighbours the model saw in training
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu") -> "MultimodalModel":
+    def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu",
+                        compile_decoding: bool = False) -> "MultimodalModel":
         """Load a model folder or a run folder's newest checkpoint (see model/checkpoint.py), with
-        its retrieval bank when the folder has one."""
+        its retrieval bank when the folder has one. compile_decoding: `torch.compile` the one-token
+        decoding step (slow first call per batch shape, faster after: see Transformer.compile_decoding)."""
         loaded = load_pretrained(path, device=device)
+        if compile_decoding:
+            loaded.model.compile_decoding()
         folder = loaded.path / RETRIEVER_DIR
         bank = RetrievalBank.load(folder) if folder.is_dir() else None
         return cls(loaded.model, loaded.tokenizer, bank, bool(loaded.info.get("trained_with_retrieval")),

@@ -86,7 +86,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               repetition_penalty=args.repetition_penalty, image_temperature=args.image_temperature,
                               image_top_k=args.image_top_k, guidance=args.guidance, strategy=args.strategy)
-    mm = MultimodalModel.from_pretrained(args.ckpt)
+    mm = MultimodalModel.from_pretrained(args.ckpt, compile_decoding=args.compile)
     prompt = parse_prompt(args.prompt or "", args.image or [], mm.tokenizer.image_size)
     retrieve = {"auto": None, "on": True, "off": False}[args.retrieval]
     gens = mm.generate(prompt, n=args.n, next=args.next, max_new_tokens=args.max_new_tokens, sampling=sampling,
@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--retrieval", default="auto", choices=["auto", "on", "off"],
                    help="prepend documents retrieved for the prompt (auto: if the model was trained with retrieval)")
     g.add_argument("--k", type=int, default=None, help="documents to retrieve (default: the training maximum)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoding step: pays off for many samples, not for a few")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("classify", help="zero-shot classification by Bayes' rule")

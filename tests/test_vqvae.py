@@ -179,6 +179,44 @@ def test_from_pretrained_rejects_a_config_with_unknown_missing_or_mistyped_keys(
         VQVAE.from_pretrained(tmp_path)
 
 
+def test_a_folder_saved_before_encoder_norm_existed_loads_with_group_norm(trained: VQVAE, tmp_path: Path,
+                                                                            eval_x: torch.Tensor) -> None:
+    assert trained.config.encoder_norm == "group"
+    trained.save(tmp_path)
+    cfg = json.loads((tmp_path / CONFIG_FILE).read_text())
+    del cfg["encoder_norm"]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(cfg))
+    loaded = VQVAE.from_pretrained(tmp_path)
+    assert loaded.config.encoder_norm == "group"
+    assert torch.equal(loaded.encode(eval_x), trained.encode(eval_x))
+
+
+def test_channel_norm_encoder_codes_ignore_image_wide_statistics() -> None:
+    # GroupNorm pools statistics over the whole image, so adding a bright square in one corner
+    # moves the latent of the opposite corner even in a network with only 1x1 convolutions;
+    # a per-position channel norm does not
+    torch.manual_seed(0)
+    blank = -torch.ones(1, 3, 32, 32)
+    marked = blank.clone()
+    marked[:, :, :8, :8] = 1.0
+    moved = {}
+    for norm in ("group", "channel"):
+        vq = VQVAE(dataclasses.replace(TINY, encoder_norm=norm)).eval()
+        for m in vq.encoder.modules():  # receptive field of one pixel: only the norms can mix positions
+            if isinstance(m, torch.nn.Conv2d):
+                m.padding = (0, 0)
+                m.weight.data = m.weight.data[:, :, :1, :1].clone() if m.stride == (1, 1) else m.weight.data
+        with torch.no_grad():
+            z0, z1 = vq.encoder.conv_in(blank), vq.encoder.conv_in(marked)
+            for block in vq.encoder.blocks:
+                if isinstance(block, torch.nn.Conv2d):
+                    break
+                z0, z1 = block(z0), block(z1)
+        moved[norm] = float((z0 - z1)[..., -8:, -8:].abs().max())
+    assert moved["group"] > 1e-3
+    assert moved["channel"] < 1e-6
+
+
 @pytest.mark.parametrize("edit", ["missing", "unexpected", "mismatched"])
 def test_from_pretrained_rejects_weights_that_do_not_match_the_config(
         trained: VQVAE, tmp_path: Path, edit: str) -> None:

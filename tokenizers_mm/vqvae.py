@@ -50,12 +50,21 @@ class VQConfig:
     channel_mult: tuple[int, ...] = (1, 2, 4)
     num_res_blocks: int = 1  # residual blocks per resolution level (encoder and decoder each)
     num_groups: int = 8  # GroupNorm groups; must divide every level's width
+    # encoder normalisation: "group" (GroupNorm: statistics over the whole image, so a blank patch's
+    # code depends on what else is in the picture) or "channel" (per-position norm over channels:
+    # a code depends only on its receptive field, so blank background gets the same few codes in
+    # every image, a far more predictable token stream for the transformer)
+    encoder_norm: str = "group"
     latent_dim: int = 64  # width of the encoder output / decoder input (`dim` of VectorQuantize)
     codebook_size: int = 512  # number of codes K: image tokens take ids 0..K-1
     codebook_dim: int = 64  # width of codebook vectors; != latent_dim adds linear projections in/out
     decay: float = 0.95  # EMA decay of the codebook; LIBS.md: 0.9-0.99 kept 510/512 codes alive
     commitment_weight: float = 0.25  # β of van den Oord et al. 2017 (VQ-VAE), eq. 3
-    threshold_ema_dead_code: float = 2.0  # codes whose EMA cluster size falls below this are re-seeded
+    # codes whose EMA cluster size falls below this are re-seeded from the batch. Measured on the
+    # default mixture (1200 steps, eval split, shapes/digits): 2.0 -> 32.1/34.3 dB, usage 96/70%;
+    # 0.1 -> 33.3/36.1 dB, usage 98/74%; 0 (never) -> 32.8/34.6 dB but usage 47/36%. Any re-seeding
+    # splits the blank background (half of all shapes patches) over many near-identical codes
+    threshold_ema_dead_code: float = 0.1
     kmeans_init: bool = True  # initialise the codebook by k-means on the first batch (LIBS.md: avoids collapse)
     kmeans_iters: int = 10  # k-means iterations for that init
     rotation_trick: bool = True  # gradient through the quantizer by the rotation trick (Fifty et al. 2024), else STE
@@ -97,6 +106,8 @@ class VQConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 raise ValueError(f"VQConfig.{name} must be a number; found {v!r}")
+        if self.encoder_norm not in ("group", "channel"):
+            raise ValueError(f"VQConfig.encoder_norm must be 'group' or 'channel'; found {self.encoder_norm!r}")
         for name in ("kmeans_init", "rotation_trick", "sync_codebook"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"VQConfig.{name} must be true or false; found {getattr(self, name)!r}")
@@ -129,6 +140,7 @@ class VQConfig:
         if not isinstance(d, dict):
             raise ValueError(f"VQ config must be a JSON object; found {type(d).__name__}")
         names = {f.name for f in fields(cls)}
+        d = {**ADDED_LATER, **d}  # folders saved before these fields existed meant their old behaviour
         unknown, missing = sorted(set(d) - names), sorted(names - set(d))
         if unknown or missing:
             raise ValueError(
@@ -137,6 +149,9 @@ class VQConfig:
             )
         return cls(**d)
 
+
+# fields added after the first release, with the value that reproduces the older behaviour
+ADDED_LATER: dict[str, Any] = {"encoder_norm": "group"}
 
 # Named presets. Param counts are for the whole VQVAE (encoder + decoder + codebook projections).
 VQ_PRESETS: dict[str, VQConfig] = {
@@ -163,14 +178,30 @@ class VQOutput(NamedTuple):
     commit_loss: torch.Tensor  # scalar, already weighted by commitment_weight
 
 
-class ResBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv3x3, twice, plus a (1x1-projected if needed) skip."""
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels at each position of a (B, C, H, W) map: no spatial statistics."""
 
-    def __init__(self, c_in: int, c_out: int, num_groups: int) -> None:
+    def __init__(self, channels: int) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(num_groups, c_in)
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def make_norm(kind: str, channels: int, num_groups: int) -> nn.Module:
+    """"group": GroupNorm(num_groups); "channel": ChannelNorm (see VQConfig.encoder_norm)."""
+    return ChannelNorm(channels) if kind == "channel" else nn.GroupNorm(num_groups, channels)
+
+
+class ResBlock(nn.Module):
+    """Norm -> SiLU -> conv3x3, twice, plus a (1x1-projected if needed) skip."""
+
+    def __init__(self, c_in: int, c_out: int, num_groups: int, norm: str = "group") -> None:
+        super().__init__()
+        self.norm1 = make_norm(norm, c_in, num_groups)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2 = nn.GroupNorm(num_groups, c_out)
+        self.norm2 = make_norm(norm, c_out, num_groups)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
@@ -191,12 +222,12 @@ class Encoder(nn.Module):
         c = widths[0]
         for i, w in enumerate(widths):
             for _ in range(cfg.num_res_blocks):
-                blocks.append(ResBlock(c, w, cfg.num_groups))
+                blocks.append(ResBlock(c, w, cfg.num_groups, cfg.encoder_norm))
                 c = w
             if i < len(widths) - 1:
                 blocks.append(nn.Conv2d(c, c, 4, stride=2, padding=1))  # learned 2× downsample
         self.blocks = nn.Sequential(*blocks)
-        self.norm_out = nn.GroupNorm(cfg.num_groups, c)
+        self.norm_out = make_norm(cfg.encoder_norm, c, cfg.num_groups)
         self.conv_out = nn.Conv2d(c, cfg.latent_dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
