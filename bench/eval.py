@@ -3,7 +3,8 @@
     .venv/bin/python bench/eval.py --ckpt runs/default [--out runs/default/eval] [--quick]
 
 1. Text→image on shapes eval captions, judged by the world's exact checker (colour, shape, size,
-   position), the compositional hold-out pairs reported apart; with and without guidance.
+   position), the compositional hold-out pairs reported apart; with and without guidance, with the
+   retriever re-ranking 4 candidates, and (models trained with retrieval) with retrieval on and off.
 2. Text→image on digits, judged by a classifier trained on real training digits (an SVM on the
    8×8 scan resolution, ~99% on the real test split).
 3. Captioning: shapes eval images (attributes named in the caption) and digits test images.
@@ -20,6 +21,7 @@ import argparse
 import json
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -63,12 +65,26 @@ def digit_judge():
     return (lambda images: clf.predict(features(images)).tolist()), acc
 
 
-def text_to_image_shapes(mm: MultimodalModel, docs, guidance: float, seed: int) -> tuple[dict, list]:
+@dataclass(frozen=True)
+class How:
+    """One text→image setting of the evaluation."""
+
+    guidance: float
+    retrieve: bool = False  # prepend retrieved documents (models trained with retrieval)
+    rerank: int = 1  # candidates per image, the retriever's best kept
+
+    @property
+    def name(self) -> str:
+        return f"guidance_{self.guidance:g}" + ("_retrieval" if self.retrieve else "") + \
+            (f"_rerank{self.rerank}" if self.rerank > 1 else "")
+
+
+def text_to_image_shapes(mm: MultimodalModel, docs, how: How, seed: int) -> tuple[dict, list]:
     specs = [shapes_data.ShapeSpec(**{k: v for k, v in d.meta["images"][0][0].items() if k != "jitter"}) for d in docs]
     captions = [d.texts[0] for d in docs]
     images = []
     for i, chunk in enumerate(batched(captions, 16)):
-        images += generate_batch(mm, chunk, guidance, seed + i)
+        images += generate_batch(mm, chunk, how, seed + i)
     checks = [shapes_data.check(im, s) for im, s in zip(images, specs)]
     held = [(s.colour, s.shape) in shapes_data.HOLDOUT_PAIRS for s in specs]
 
@@ -84,18 +100,23 @@ def text_to_image_shapes(mm: MultimodalModel, docs, guidance: float, seed: int) 
     return res, images
 
 
-def generate_batch(mm: MultimodalModel, captions, guidance: float, seed: int) -> list[Image.Image]:
+def generate_batch(mm: MultimodalModel, captions, how: How, seed: int) -> list[Image.Image]:
+    """One image per caption: the captions batched when nothing is retrieved or re-ranked, else
+    caption by caption through the public API (each caption retrieves its own documents)."""
     from sample.generate import generate_images
 
-    return generate_images(mm.model, mm.tokenizer, captions, sampling=SamplingConfig(guidance=guidance), seed=seed)
+    if not how.retrieve and how.rerank == 1:
+        return generate_images(mm.model, mm.tokenizer, captions, sampling=SamplingConfig(guidance=how.guidance), seed=seed)
+    return [mm.text_to_image(c, guidance=how.guidance, seed=seed * 1000 + j, rerank=how.rerank, retrieve=how.retrieve)[0]
+            for j, c in enumerate(captions)]
 
 
-def text_to_image_digits(mm: MultimodalModel, judge, per_digit: int, guidance: float, seed: int):
+def text_to_image_digits(mm: MultimodalModel, judge, per_digit: int, how: How, seed: int):
     captions = [f"a handwritten digit {WORDS[d]}" for _ in range(per_digit) for d in range(10)]
     labels = [d for _ in range(per_digit) for d in range(10)]
     images = []
     for i, chunk in enumerate(batched(captions, 20)):
-        images += generate_batch(mm, chunk, guidance, seed + i)
+        images += generate_batch(mm, chunk, how, seed + i)
     pred = judge(images)
     return {"n": len(images), "judged_right": float(np.mean(np.array(pred) == np.array(labels)))}, images
 
@@ -117,12 +138,12 @@ def parse_shape_caption(text: str) -> dict:
     return out
 
 
-def captions_shapes(mm: MultimodalModel, docs) -> dict:
+def captions_shapes(mm: MultimodalModel, docs, retrieve: bool = False) -> dict:
     right = {"colour": [], "shape": [], "size": [], "position": []}
     examples = []
     for chunk in batched(docs, 32):
         for d in chunk:
-            cap = mm.caption(d.images[0], temperature=0.0)[0]
+            cap = mm.caption(d.images[0], temperature=0.0, retrieve=retrieve)[0]
             truth = d.meta["images"][0][0]
             got = parse_shape_caption(cap)
             for k in right:
@@ -140,11 +161,11 @@ def captions_shapes(mm: MultimodalModel, docs) -> dict:
     return res
 
 
-def captions_digits(mm: MultimodalModel, docs) -> dict:
+def captions_digits(mm: MultimodalModel, docs, retrieve: bool = False) -> dict:
     ok = []
     examples = []
     for d in docs:
-        cap = mm.caption(d.images[0], temperature=0.0)[0].lower()
+        cap = mm.caption(d.images[0], temperature=0.0, retrieve=retrieve)[0].lower()
         label = d.meta["label"]
         said = {i for i, w in enumerate(WORDS) if re.search(rf"\b{w}\b", cap)} | {int(c) for c in re.findall(r"\b(\d)\b", cap)}
         ok.append(said == {label})
@@ -289,19 +310,27 @@ def main() -> None:
     holdout = [d for d in shapes_data.shapes_documents("eval", 4000, seed=args.seed + 2)
                if d.meta["kind"] == "single" and d.meta.get("holdout")][: (16 if args.quick else 48)]
     t2i = {}
-    for g in (1.0, 3.0):
-        res, imgs = text_to_image_shapes(mm, singles + holdout, g, args.seed)
-        t2i[f"shapes_guidance_{g:g}"] = res
-        image_grid([imgs[i : i + 16] for i in range(0, min(len(imgs), 64), 16)], scale=2).save(out / f"t2i_shapes_g{g:g}.png")
-        res_d, dimgs = text_to_image_digits(mm, judge, 4 if args.quick else 10, g, args.seed)
-        t2i[f"digits_guidance_{g:g}"] = res_d
-        image_grid([dimgs[i : i + 10] for i in range(0, min(len(dimgs), 40), 10)], scale=2).save(out / f"t2i_digits_g{g:g}.png")
-        print(f"text→image guidance {g}: shapes colour+shape {res['colour_and_shape']:.3f} "
+    hows = [How(1.0), How(3.0)]
+    if mm.can_retrieve:  # the retriever re-ranks 4 candidates per caption (issue 5: optional re-ranking)
+        hows.append(How(3.0, rerank=4))
+    if mm.trained_with_retrieval:  # and, for a model trained with it, retrieval on as well as off
+        hows += [How(1.0, retrieve=True), How(3.0, retrieve=True)]
+    for how in hows:
+        res, imgs = text_to_image_shapes(mm, singles + holdout, how, args.seed)
+        t2i[f"shapes_{how.name}"] = res
+        image_grid([imgs[i : i + 16] for i in range(0, min(len(imgs), 64), 16)], scale=2).save(out / f"t2i_shapes_{how.name}.png")
+        res_d, dimgs = text_to_image_digits(mm, judge, 4 if args.quick else 10, how, args.seed)
+        t2i[f"digits_{how.name}"] = res_d
+        image_grid([dimgs[i : i + 10] for i in range(0, min(len(dimgs), 40), 10)], scale=2).save(out / f"t2i_digits_{how.name}.png")
+        print(f"text→image {how.name}: shapes colour+shape {res['colour_and_shape']:.3f} "
               f"(hold-out {res['holdout_colour_and_shape']}), digits judged right {res_d['judged_right']:.3f}")
     report["text_to_image"] = t2i
     cap_docs = singles[: (32 if args.quick else 120)]
-    report["captioning"] = {"shapes": captions_shapes(mm, cap_docs),
-                            "digits": captions_digits(mm, digits_data.digits_documents("eval")[:: (6 if args.quick else 2)])}
+    digit_docs = digits_data.digits_documents("eval")[:: (6 if args.quick else 2)]
+    report["captioning"] = {"shapes": captions_shapes(mm, cap_docs), "digits": captions_digits(mm, digit_docs)}
+    if mm.trained_with_retrieval:
+        report["captioning"]["shapes_retrieval"] = captions_shapes(mm, cap_docs, retrieve=True)
+        report["captioning"]["digits_retrieval"] = captions_digits(mm, digit_docs, retrieve=True)
     print(f"captioning: shapes attribute accuracy {report['captioning']['shapes']['attribute_accuracy']:.3f}, "
           f"digits {report['captioning']['digits']['accuracy']:.3f}")
     retriever = Path(args.retriever) if args.retriever else None

@@ -361,7 +361,7 @@ def build_demo(mm: MultimodalModel, limits: DemoLimits = DemoLimits(), workdir: 
                     t2i_caption = gr.Textbox(label="caption", placeholder="a small red circle in the top left")
                     t2i_n = gr.Slider(1, limits.max_images, value=4, step=1, label="number of images")
                     t2i_guidance = gr.Slider(1.0, 8.0, value=3.0, step=0.5, label="guidance scale (1 = off)")
-                    t2i_temperature = gr.Slider(0.0, 1.5, value=1.0, step=0.05, label="temperature (0 = greedy)")
+                    t2i_temperature = gr.Slider(0.0, 1.5, value=0.7, step=0.05, label="temperature (0 = greedy)")
                     t2i_seed = gr.Number(value=0, precision=0, label="seed")
                     t2i_button = gr.Button("draw", variant="primary", elem_id="t2i_button")
                 with gr.Column():

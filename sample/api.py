@@ -212,17 +212,42 @@ class MultimodalModel:
             out.append(Generation(tok.decode(full), row, ids, list(retrieved)))
         return out
 
-    def text_to_image(self, text: str, *, n: int = 1, guidance: float = 3.0, temperature: float = 1.0,
-                      top_k: int | None = None, seed: int = 0) -> list[Image.Image]:
-        """n images for a caption (guidance 3 by default: CM3Leon found scales around 3 best)."""
+    def text_to_image(self, text: str, *, n: int = 1, guidance: float = 3.0, temperature: float = 0.7,
+                      top_k: int | None = None, seed: int = 0, rerank: int = 1,
+                      retrieve: bool | None = None) -> list[Image.Image]:
+        """n images for a caption (guidance 3 by default: CM3Leon found scales around 3 best).
+
+        rerank: draw n·rerank candidates and keep the n that the retriever scores closest to the
+        caption (image-text cosine, best first), as DALL-E re-ranks with CLIP and CM3Leon with its
+        retriever; 1 = no re-ranking. Needs a checkpoint with a retriever/ folder.
+        """
         if not text.strip():
             raise ValueError("the caption is empty")
+        if rerank < 1:
+            raise ValueError(f"rerank must be >= 1 candidates per image, got {rerank}")
         s = SamplingConfig(guidance=guidance, image_temperature=temperature, image_top_k=top_k)
-        return [g.document.images[0] for g in self.generate([text], n=n, next="image", sampling=s, seed=seed)]
+        gens = self.generate([text], n=n * rerank, next="image", sampling=s, seed=seed, retrieve=retrieve)
+        images = [g.document.images[0] for g in gens]
+        if rerank == 1:
+            return images
+        order = self.image_text_scores(images, text).argsort(descending=True)
+        return [images[i] for i in order[:n].tolist()]
+
+    def image_text_scores(self, images: Sequence[Image.Image], text: str) -> torch.Tensor:
+        """Cosine similarity (N,) of each image to the text in the retriever's embedding space."""
+        if self.bank is None:
+            raise ValueError("re-ranking needs the retriever: this checkpoint has no retriever/ folder (train "
+                             "on a `make tokenize` output that includes the retriever)")
+        ids = self.tokenizer.encode_text(text)
+        if not ids:
+            raise ValueError("the text is empty")
+        retriever = self.bank.retriever
+        return (retriever.embed_images(list(images)) @ retriever.embed_texts([ids]).T).squeeze(1)
 
     def caption(self, image: Image.Image, *, n: int = 1, temperature: float = 0.0, seed: int = 0,
-                max_new_tokens: int = 32) -> list[str]:
-        """n captions for an image (greedy by default)."""
+                max_new_tokens: int = 32, retrieve: bool | None = None) -> list[str]:
+        """n captions for an image (greedy by default); retrieve as in `generate`."""
         s = SamplingConfig(temperature=temperature)
-        gens = self.generate([image], n=n, next="text", sampling=s, seed=seed, max_new_tokens=max_new_tokens)
+        gens = self.generate([image], n=n, next="text", sampling=s, seed=seed, max_new_tokens=max_new_tokens,
+                             retrieve=retrieve)
         return [" ".join(g.document.texts).strip() for g in gens]

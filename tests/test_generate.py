@@ -78,3 +78,19 @@ def test_guidance_scale_one_equals_plain_conditional_sampling(tiny_model, tiny_t
 def test_a_prompt_longer_than_the_context_is_refused(tiny_model, tiny_tokenizer):
     with pytest.raises(ValueError, match="context"):
         generate_ids(tiny_model, tiny_tokenizer, [[special.BOS_ID] * 150], max_new_tokens=20)
+
+
+def test_reranked_text_to_image_keeps_the_best_scored_candidates_in_order(tiny_run):
+    from sample.api import MultimodalModel
+
+    mm = MultimodalModel.from_pretrained(tiny_run)
+    caption = "a small red circle in the top left"
+    candidates = mm.text_to_image(caption, n=6, seed=3)  # the same draws re-ranking starts from
+    scores = mm.image_text_scores(candidates, caption)
+    best = mm.text_to_image(caption, n=2, seed=3, rerank=3)
+    expected = [candidates[i] for i in scores.argsort(descending=True)[:2].tolist()]
+    assert [im.tobytes() for im in best] == [im.tobytes() for im in expected]
+    kept = mm.image_text_scores(best, caption)
+    assert kept[0] >= kept[1] and kept[1] >= scores.sort(descending=True).values[1] - 1e-6
+    with pytest.raises(ValueError, match="rerank"):
+        mm.text_to_image(caption, rerank=0)

@@ -96,3 +96,13 @@ def test_classify_refuses_bad_input_with_a_message(tiny_run, images, args, messa
 def test_classify_refuses_an_unreadable_image(tiny_run, images):
     r = run("classify", "--ckpt", str(tiny_run), "--labels", "a,b", "--images", str(images / "bad.png"))
     assert r.returncode == 2 and "bad.png" in r.stderr
+
+
+def test_generate_rerank_keeps_n_samples_and_refuses_text_continuations(tiny_run, tmp_path):
+    r = run("generate", "--ckpt", str(tiny_run), "--prompt", "a red circle", "--next", "image", "--n", "2",
+            "--rerank", "2", "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads((tmp_path / "o" / "result.json").read_text())["samples"]) == 2
+    r = run("generate", "--ckpt", str(tiny_run), "--prompt", "a red circle", "--next", "text", "--rerank", "2",
+            "--max-new-tokens", "4", "--out", str(tmp_path / "t"))
+    assert r.returncode == 2 and "--next image" in r.stderr and "Traceback" not in r.stderr
