@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 from common import RESULTS, ROOT, merge_results  # noqa: F401  (common puts the project on sys.path)
 
 from model.checkpoint import load_pretrained  # noqa: E402
+from tokenizers_mm.atomic import save_figure_atomic  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.pipeline import load_neighbours, retrieval_eval_rows  # noqa: E402
 from train.sequences import SequenceConfig  # noqa: E402
@@ -69,10 +69,7 @@ def bar_chart(result: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("held-out image NLL (nats / token)")
     ax.set_title(f"caption→image, eval split, k={result['k']} neighbours")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

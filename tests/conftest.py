@@ -54,28 +54,27 @@ def tiny_artifacts(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tiny_artifacts, tmp_path_factory) -> Path:
-    """A tiny model trained for a few steps on the tiny artifacts: a real, loadable run folder."""
-    run = tmp_path_factory.mktemp("run") / "tiny"
-    cmd = [sys.executable, "-m", "train", "--preset", "tiny", "--data", str(tiny_artifacts), "--out", str(run),
+def _train_tiny(data: Path, run: Path, *settings: str) -> Path:
+    """`python -m train --preset tiny` for 6 steps into `run`, with extra `--set` overrides."""
+    cmd = [sys.executable, "-m", "train", "--preset", "tiny", "--data", str(data), "--out", str(run),
+           *[a for x in settings for a in ("--set", x)],
            "--set", "steps=6", "--set", "sample_grid=false", "--set", "eval_every=1000"]
     r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_artifacts, tmp_path_factory) -> Path:
+    """A tiny model trained for a few steps on the tiny artifacts: a real, loadable run folder."""
+    return _train_tiny(tiny_artifacts, tmp_path_factory.mktemp("run") / "tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_ra_run(tiny_artifacts, tmp_path_factory) -> Path:
     """A tiny model trained with retrieval augmentation (up to 2 neighbours; a context of 256 so
     that neighbours fit beside a 64-code image document)."""
-    run = tmp_path_factory.mktemp("run") / "tiny_ra"
-    cmd = [sys.executable, "-m", "train", "--preset", "tiny", "--data", str(tiny_artifacts), "--out", str(run),
-           *[a for s in RA_SETTINGS for a in ("--set", s)],
-           "--set", "steps=6", "--set", "sample_grid=false", "--set", "eval_every=1000"]
-    r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return run
+    return _train_tiny(tiny_artifacts, tmp_path_factory.mktemp("run") / "tiny_ra", *RA_SETTINGS)
 
 
 RA_SETTINGS = ("retrieved_max=2", "block_size=256")  # tiny preset + retrieval augmentation

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from model.checkpoint import LATEST_FILE, load_config, resolve, save_pretrained
-from tokenizers_mm.atomic import write_atomic_folder, write_text_atomic
+from tokenizers_mm.atomic import save_figure_atomic, write_atomic_folder, write_text_atomic
 from model.config import preset as model_preset
 from model.transformer import Transformer, lm_loss
 from tokenizers_mm.multimodal import MultimodalTokenizer
@@ -204,10 +204,7 @@ def plot_metrics(metrics_file: Path, out: Path) -> None:
     ax.legend()
     ax.set_title(f"training run {metrics_file.parent.name}")
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out)
+    save_figure_atomic(fig, out)
 
 
 GRID_PROMPTS = [f"a handwritten digit {w}" for w in
