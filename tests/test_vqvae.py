@@ -264,3 +264,74 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth() -> None:
     lrs = [lr_at(s, 100, 1.0) for s in range(100)]
     assert lrs[0] < lrs[4] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1, abs=0.01)
     assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
+
+
+# ---- the reserved code for black patches (VQConfig.blank_code) --------------------------------
+
+BLANK_TINY = dataclasses.replace(TINY, blank_code=True)
+
+
+@pytest.fixture(scope="module")
+def trained_blank(train_images: np.ndarray) -> VQVAE:
+    torch.set_num_threads(1)
+    return train_vqvae(train_images, BLANK_TINY, steps=60, batch_size=32, lr=3e-3, seed=0, progress=False)
+
+
+def test_blank_mask_marks_exactly_the_patches_with_no_pixel_above_two() -> None:
+    vq = VQVAE(BLANK_TINY)
+    img = np.zeros((1, 32, 32, 3), np.uint8)
+    img[0, 1, 2, 0] = 2  # patch (0, 0): still black (resize rounding)
+    img[0, 5, 6, 2] = 3  # patch (1, 1): one blue pixel at 3 makes it content
+    img[0, 31, 31] = 255  # the last patch
+    mask = vq.blank_mask(_to_x(img)).view(8, 8)
+    expected = torch.ones(8, 8, dtype=torch.bool)
+    expected[1, 1] = expected[7, 7] = False
+    assert torch.equal(mask, expected)
+    assert VQVAE(TINY).blank_mask(_to_x(img)) is None
+
+
+def test_black_patches_get_the_last_code_and_no_other_patch_does(trained_blank: VQVAE, eval_x: torch.Tensor) -> None:
+    k = BLANK_TINY.codebook_size
+    codes = trained_blank.encode(eval_x).flatten(1)
+    blank = trained_blank.blank_mask(eval_x)
+    assert 0.2 < blank.float().mean() < 0.95  # the fixture images do have both kinds
+    assert bool((codes[blank] == k - 1).all())
+    assert bool((codes[~blank] < k - 1).all())
+    assert torch.equal(trained_blank.encode(-torch.ones(2, 3, 32, 32)), torch.full((2, 8, 8), k - 1))
+    # the library's codebook holds only the learned codes; decode accepts every id below k
+    assert trained_blank.vq.codebook.shape[0] == k - 1
+    assert trained_blank.decode(torch.full((1, 8, 8), k - 1)).shape == (1, 3, 32, 32)
+
+
+def test_training_learns_to_draw_the_blank_code_black(trained_blank: VQVAE) -> None:
+    untrained = VQVAE(BLANK_TINY).eval()
+    k = BLANK_TINY.codebook_size
+    err = {name: float((m.decode(torch.full((1, 8, 8), k - 1)) + 1).abs().mean())
+           for name, m in (("trained", trained_blank), ("untrained", untrained))}
+    assert err["trained"] < 0.5 * err["untrained"]
+
+
+def test_a_training_batch_of_black_images_only_is_harmless() -> None:
+    torch.manual_seed(0)
+    vq = VQVAE(BLANK_TINY).train()
+    out = vq(-torch.ones(4, 3, 32, 32))
+    assert bool((out.indices == BLANK_TINY.codebook_size - 1).all()) and torch.isfinite(out.commit_loss)
+
+
+def test_blank_code_tokenizer_saves_and_loads_identically(trained_blank: VQVAE, tmp_path: Path,
+                                                          eval_x: torch.Tensor) -> None:
+    trained_blank.save(tmp_path)
+    loaded = VQVAE.from_pretrained(tmp_path)
+    assert loaded.config.blank_code and torch.equal(loaded.blank_embed, trained_blank.blank_embed)
+    assert torch.equal(loaded.encode(eval_x), trained_blank.encode(eval_x))
+
+
+def test_a_folder_saved_before_blank_code_existed_loads_without_it(trained: VQVAE, tmp_path: Path,
+                                                                   eval_x: torch.Tensor) -> None:
+    trained.save(tmp_path)
+    cfg = json.loads((tmp_path / CONFIG_FILE).read_text())
+    del cfg["blank_code"]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(cfg))
+    loaded = VQVAE.from_pretrained(tmp_path)
+    assert loaded.config.blank_code is False
+    assert torch.equal(loaded.encode(eval_x), trained.encode(eval_x))

@@ -55,6 +55,13 @@ class VQConfig:
     # a code depends only on its receptive field, so blank background gets the same few codes in
     # every image, a far more predictable token stream for the transformer)
     encoder_norm: str = "group"
+    # reserve the last code for patches whose f×f pixels are all black (≤ BLANK_MAX_PIXEL of 255 in
+    # every channel), decided from the pixels, never learned. Without it the EMA codebook with dead-code
+    # re-seeding spread the shapes world's black background (half of all patches) over ~6 bits of
+    # near-identical codes that depend on the rest of the picture: noise the transformer must model
+    # and that Bayes-rule scores and retrieval copying inherit. Images without black patches (photos)
+    # never use the code, so the tokenizer is then a plain VQ-VAE with codebook_size - 1 codes.
+    blank_code: bool = False
     latent_dim: int = 64  # width of the encoder output / decoder input (`dim` of VectorQuantize)
     codebook_size: int = 512  # number of codes K: image tokens take ids 0..K-1
     codebook_dim: int = 64  # width of codebook vectors; != latent_dim adds linear projections in/out
@@ -109,9 +116,11 @@ class VQConfig:
                 raise ValueError(f"VQConfig.{name} must be a number; found {v!r}")
         if self.encoder_norm not in ("group", "channel"):
             raise ValueError(f"VQConfig.encoder_norm must be 'group' or 'channel'; found {self.encoder_norm!r}")
-        for name in ("kmeans_init", "rotation_trick", "sync_codebook"):
+        for name in ("kmeans_init", "rotation_trick", "sync_codebook", "blank_code"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"VQConfig.{name} must be true or false; found {getattr(self, name)!r}")
+        if self.blank_code and self.codebook_size < 2:
+            raise ValueError("VQConfig.blank_code reserves one code, so codebook_size must be ≥ 2")
         if not 0.0 < self.decay < 1.0:
             raise ValueError(f"VQConfig.decay must be in (0, 1); found {self.decay} (LIBS.md: 0.9-0.99 works)")
         if self.commitment_weight < 0:
@@ -152,7 +161,11 @@ class VQConfig:
 
 
 # fields added after the first release, with the value that reproduces the older behaviour
-ADDED_LATER: dict[str, Any] = {"encoder_norm": "group"}
+ADDED_LATER: dict[str, Any] = {"encoder_norm": "group", "blank_code": False}
+
+# a patch is blank when no pixel of it exceeds this value (0..255) in any channel: exact black plus
+# the rounding noise of resizing and JPEG-free PNG round trips
+BLANK_MAX_PIXEL = 2
 
 # Named presets. Param counts are for the whole VQVAE (encoder + decoder + codebook projections).
 VQ_PRESETS: dict[str, VQConfig] = {
@@ -162,6 +175,7 @@ VQ_PRESETS: dict[str, VQConfig] = {
     # the CPU default: 32×32 RGB -> 8×8 codes from 512; 1.10M params; calibrated for `make tokenize`
     # (train/vq.py VQ_TRAIN_SETTINGS: 1200 steps × 16, ≤ 145 s on one core, ≥ 32 dB shapes / 34 dB digits)
     "default": VQConfig(),
+    "default_blank": VQConfig(blank_code=True),
     # GPU: 64×64 -> 8×8 codes (f=8) from 1024; 9.1M params
     "64px": VQConfig(image_size=64, f=8, channels=64, channel_mult=(1, 2, 2, 4), num_res_blocks=2,
                      num_groups=32, latent_dim=128, codebook_size=1024, codebook_dim=64, decay=0.99),
@@ -269,9 +283,12 @@ class VQVAE(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+        # with blank_code the library's codebook holds the learned codes 0..K-2 and id K-1 means
+        # "black patch", decoded from one learned latent vector
+        self.blank_id = config.codebook_size - 1 if config.blank_code else None
         self.vq = VectorQuantize(
             dim=config.latent_dim,
-            codebook_size=config.codebook_size,
+            codebook_size=config.codebook_size - (1 if config.blank_code else 0),
             codebook_dim=config.codebook_dim,
             decay=config.decay,
             commitment_weight=config.commitment_weight,
@@ -283,6 +300,8 @@ class VQVAE(nn.Module):
             sync_codebook=config.sync_codebook,
             accept_image_fmap=False,  # we flatten to (B, h*w, C) ourselves
         )
+        if config.blank_code:
+            self.blank_embed = nn.Parameter(torch.zeros(config.latent_dim))
         if config.kmeans_init:
             # the library starts a k-means codebook at zeros (every code identical) until the first
             # training batch; random codes make an untrained model's codes varied instead of all 0
@@ -303,6 +322,23 @@ class VQVAE(nn.Module):
             raise ValueError(
                 f"expected float images in [-1, 1]; found dtype {x.dtype} — use pil_to_tensor, or x/127.5 - 1"
             )
+
+    def blank_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """(B, 3, H, W) in [-1, 1] -> (B, grid·grid) bool, True where the f×f patch is black; None
+        without blank_code. Raster order, like the codes."""
+        if not self.config.blank_code:
+            return None
+        brightest = x.float().amax(dim=1, keepdim=True)  # (B, 1, H, W): a patch is black iff every channel is
+        peak = F.max_pool2d(brightest, self.config.f)  # (B, 1, g, g)
+        return (peak <= BLANK_MAX_PIXEL / 127.5 - 1.0 + 1e-6).flatten(1)
+
+    def _with_blank(self, quantized: torch.Tensor, indices: torch.Tensor, blank: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Put the blank code (index and latent) where `blank` (B, N) is True."""
+        if blank is None:
+            return quantized, indices
+        quantized = torch.where(blank[..., None], self.blank_embed.to(quantized.dtype), quantized)
+        return quantized, indices.masked_fill(blank, self.blank_id)
 
     def _quantize_eval(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest-code lookup without touching the codebook's state: (B, N, D) -> (quantized, indices).
@@ -328,12 +364,19 @@ class VQVAE(nn.Module):
         z = self.encoder(x)  # (B, D, g, g)
         b, d, g, _ = z.shape
         z = z.float().flatten(2).transpose(1, 2)  # (B, g*g, D)
+        blank = self.blank_mask(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            if self.training:
+            if self.training and blank is not None and not blank.all():
+                # black patches take no part in k-means, EMA, re-seeding or the commitment loss
+                quantized, indices, commit_loss = self.vq(z, mask=~blank)
+            elif self.training and blank is None:
                 quantized, indices, commit_loss = self.vq(z)
-            else:
+            else:  # evaluation, or a training batch of black images only
                 quantized, indices = self._quantize_eval(z)
-                commit_loss = self.config.commitment_weight * F.mse_loss(z, quantized)
+                keep = ~blank if blank is not None else torch.ones_like(indices, dtype=torch.bool)
+                commit_loss = self.config.commitment_weight * F.mse_loss(z[keep], quantized[keep].detach()) \
+                    if keep.any() else z.sum() * 0.0
+            quantized, indices = self._with_blank(quantized, indices, blank)
         zq = quantized.transpose(1, 2).reshape(b, d, g, g)
         recon = self.decoder(zq)
         return VQOutput(recon=recon, indices=indices.reshape(b, g, g).long(), commit_loss=commit_loss.sum())
@@ -359,6 +402,7 @@ class VQVAE(nn.Module):
             z = self.encoder(chunk.to(dev).float())
             z = z.float().flatten(2).transpose(1, 2)
             _, idx = self._quantize_eval(z)
+            _, idx = self._with_blank(z, idx, self.blank_mask(chunk.to(dev)))
             out.append(idx.reshape(-1, g, g))
         if not out:
             return torch.empty(0, g, g, dtype=torch.long, device=dev)
@@ -379,11 +423,13 @@ class VQVAE(nn.Module):
                              "subtract the image-token offset before decoding")
         dev = self.vq.codebook.device
         out = []
-        codebook = self.vq.codebook.float()
+        # project_out(codebook[idx]) equals the forward pass's output (LIBS.md: get_output_from_indices
+        # breaks for image fmaps with codebook_dim != dim); the blank latent, if any, is the last row
+        table = self.vq.project_out(self.vq.codebook.float())  # (K or K-1, D)
+        if self.config.blank_code:
+            table = torch.cat([table, self.blank_embed.float()[None]])
         for chunk in indices.split(batch_size):
-            # project_out(codebook[idx]) equals the forward pass's output (LIBS.md: get_output_from_indices
-            # breaks for image fmaps with codebook_dim != dim)
-            q = self.vq.project_out(codebook[chunk.to(dev).long()])  # (b, g, g, D)
+            q = table[chunk.to(dev).long()]  # (b, g, g, D)
             out.append(self.decoder(q.permute(0, 3, 1, 2).contiguous()).clamp(-1, 1))
         if not out:
             s = self.config.image_size

@@ -158,7 +158,8 @@ def train_vqvae(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     # the first batch seeds the codebook by k-means: give it ~8 vectors per code
-    first = max(batch_size, -(-config.codebook_size * 8 // config.num_tokens))
+    # (with blank_code only the non-black patches count, about half in the shapes world: double it)
+    first = max(batch_size, -(-config.codebook_size * 8 // config.num_tokens) * (2 if config.blank_code else 1))
     order = torch.randperm(n, generator=gen)
     pos = 0
     bar = tqdm(range(steps), desc="vq-vae", disable=not progress, dynamic_ncols=True, leave=False)
