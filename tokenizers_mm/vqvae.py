@@ -61,18 +61,19 @@ class VQConfig:
     # near-identical codes that depend on the rest of the picture: noise the transformer must model
     # and that Bayes-rule scores and retrieval copying inherit. Images without black patches (photos)
     # never use the code, so the tokenizer is then a plain VQ-VAE with codebook_size - 1 codes.
-    blank_code: bool = False
+    blank_code: bool = True
     latent_dim: int = 64  # width of the encoder output / decoder input (`dim` of VectorQuantize)
     codebook_size: int = 512  # number of codes K: image tokens take ids 0..K-1
     codebook_dim: int = 64  # width of codebook vectors; != latent_dim adds linear projections in/out
     decay: float = 0.95  # EMA decay of the codebook; LIBS.md: 0.9-0.99 kept 510/512 codes alive
     commitment_weight: float = 0.25  # β of van den Oord et al. 2017 (VQ-VAE), eq. 3
     # codes whose EMA cluster size falls below this are re-seeded from the batch. Measured on the
-    # default mixture (1200 steps, eval split, shapes/digits): 2.0 -> 32.1/34.3 dB, usage 96/70%;
-    # 0.1 -> 33.3/36.1 dB, usage 98/74%; 0 (never) -> 32.8/34.6 dB but usage 47/36%. Yet the
-    # transformer trained on 0.1's codes drew shapes worse (colour+shape right 47% vs 70%, same
-    # recipe, 96 eval prompts): finer codes are harder to predict. 2.0 stays.
-    threshold_ema_dead_code: float = 2.0
+    # default mixture (1200 steps × 16 images, eval split, shapes/digits). Without blank_code:
+    # 2.0 -> 32.1/34.3 dB, usage 96/70%; 0.1 -> 33.3/36.1 dB, usage 98/74%; 0 (never) -> 32.8/34.6 dB,
+    # usage 47/36%. With blank_code the black patches (77% of shapes patches) leave the statistics,
+    # ~500 content vectors per batch meet 511 codes, and 2.0 re-seeded codes every step: 29.8/33.8 dB,
+    # usage 83/84%; 0.5 -> 32.7/35.2 dB, usage 88/83%; 0.1 -> 33.3/36.1 dB, usage 96/65%.
+    threshold_ema_dead_code: float = 0.5
     kmeans_init: bool = True  # initialise the codebook by k-means on the first batch (LIBS.md: avoids collapse)
     kmeans_iters: int = 10  # k-means iterations for that init
     rotation_trick: bool = True  # gradient through the quantizer by the rotation trick (Fifty et al. 2024), else STE
@@ -162,6 +163,7 @@ class VQConfig:
 
 # fields added after the first release, with the value that reproduces the older behaviour
 ADDED_LATER: dict[str, Any] = {"encoder_norm": "group", "blank_code": False}
+# (folders saved before blank_code existed store threshold_ema_dead_code explicitly: 2.0 then)
 
 # a patch is blank when no pixel of it exceeds this value (0..255) in any channel: exact black plus
 # the rounding noise of resizing and JPEG-free PNG round trips
@@ -175,7 +177,6 @@ VQ_PRESETS: dict[str, VQConfig] = {
     # the CPU default: 32×32 RGB -> 8×8 codes from 512; 1.10M params; calibrated for `make tokenize`
     # (train/vq.py VQ_TRAIN_SETTINGS: 1200 steps × 16, ≤ 145 s on one core, ≥ 32 dB shapes / 34 dB digits)
     "default": VQConfig(),
-    "default_blank": VQConfig(blank_code=True),
     # GPU: 64×64 -> 8×8 codes (f=8) from 1024; 9.1M params
     "64px": VQConfig(image_size=64, f=8, channels=64, channel_mult=(1, 2, 2, 4), num_res_blocks=2,
                      num_groups=32, latent_dim=128, codebook_size=1024, codebook_dim=64, decay=0.99),
@@ -340,6 +341,15 @@ class VQVAE(nn.Module):
         quantized = torch.where(blank[..., None], self.blank_embed.to(quantized.dtype), quantized)
         return quantized, indices.masked_fill(blank, self.blank_id)
 
+    def _black_out(self, images: torch.Tensor, blank: torch.Tensor | None) -> torch.Tensor:
+        """Set the pixels of blank patches to exact black: the code says they are black, so the
+        decoder needs no capacity for them (and in training gets no loss there)."""
+        if blank is None:
+            return images
+        g, f = self.config.grid, self.config.f
+        pixels = blank.view(-1, 1, g, g).repeat_interleave(f, 2).repeat_interleave(f, 3)
+        return images.masked_fill(pixels, -1.0)
+
     def _quantize_eval(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest-code lookup without touching the codebook's state: (B, N, D) -> (quantized, indices).
 
@@ -378,7 +388,7 @@ class VQVAE(nn.Module):
                     if keep.any() else z.sum() * 0.0
             quantized, indices = self._with_blank(quantized, indices, blank)
         zq = quantized.transpose(1, 2).reshape(b, d, g, g)
-        recon = self.decoder(zq)
+        recon = self._black_out(self.decoder(zq), blank)
         return VQOutput(recon=recon, indices=indices.reshape(b, g, g).long(), commit_loss=commit_loss.sum())
 
     # ---- public tokenizer API --------------------------------------------------------------
@@ -430,7 +440,8 @@ class VQVAE(nn.Module):
             table = torch.cat([table, self.blank_embed.float()[None]])
         for chunk in indices.split(batch_size):
             q = table[chunk.to(dev).long()]  # (b, g, g, D)
-            out.append(self.decoder(q.permute(0, 3, 1, 2).contiguous()).clamp(-1, 1))
+            blank = chunk.to(dev).flatten(1) == self.blank_id if self.config.blank_code else None
+            out.append(self._black_out(self.decoder(q.permute(0, 3, 1, 2).contiguous()), blank).clamp(-1, 1))
         if not out:
             s = self.config.image_size
             return torch.empty(0, 3, s, s, device=dev)

@@ -207,6 +207,8 @@ def evaluate_vq(model: VQVAE, images: torch.Tensor | np.ndarray, batch_size: int
 
     codebook_usage: share of the codebook's codes used at least once on these images (0..1).
     perplexity: exp of the entropy of the code histogram (K for uniform use, 1 for a single code).
+    blank_share, content_perplexity (tokenizers with the blank code only): share of patches that are
+      black, and the perplexity of the other patches' codes.
     psnr_db: mean over images of each image's PSNR, on the 0..255 scale after rounding the
       reconstruction to uint8 (what a viewer sees), capped at 100 dB; psnr_db_set: PSNR of the
       whole set's pooled MSE (dominated by the worst images).
@@ -226,6 +228,13 @@ def evaluate_vq(model: VQVAE, images: torch.Tensor | np.ndarray, batch_size: int
     mse = torch.cat(se)  # (N,) per-image MSE on 0..255
     p = counts.double() / counts.sum()
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    extra = {}
+    if model.blank_id is not None:  # how much of the picture is black, and how varied the rest is
+        content = counts.clone()
+        content[model.blank_id] = 0
+        q = content.double() / content.sum().clamp_min(1)
+        extra = {"blank_share": float(counts[model.blank_id] / counts.sum()),
+                 "content_perplexity": float((-(q[q > 0] * q[q > 0].log()).sum()).exp())}
     return {
         "codebook_usage": float((counts > 0).double().mean()),
         "codes_used": int((counts > 0).sum()),
@@ -234,6 +243,7 @@ def evaluate_vq(model: VQVAE, images: torch.Tensor | np.ndarray, batch_size: int
         "psnr_db": float(_psnr_from_mse(mse, 255.0).mean()),
         "psnr_db_set": float(_psnr_from_mse(mse.mean(), 255.0)),
         "num_images": len(x),
+        **extra,
     }
 
 
