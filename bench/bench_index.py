@@ -13,9 +13,6 @@ Prints a table and merges the figures into bench/results.json under the "index" 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -25,7 +22,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+import common  # noqa: F401,E402  (puts the project on sys.path)
+from common import merge_results  # noqa: E402
 from model.retrieval import ExactIndex, FaissIndex, Index, SearchResult  # noqa: E402
 
 
@@ -143,20 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         print("faiss-cpu is not installed: `pip install faiss-cpu` to benchmark the approximate backend")
 
     results = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch": torch.__version__, "threads": args.threads, "python": platform.python_version(), **faiss_info},
+        "versions": faiss_info,
         "bank": {"n": args.n, "dim": args.dim, "clusters": args.clusters, "spread": args.spread, "queries": 256,
                  "k": args.k},
         "protocol": "median wall time of one search call (batch 1: 20 calls, batch 64: 5 calls) after one warm-up; "
                     "recall@10 = share of the exact top-10 found, over 256 held-out queries",
         "backends": rows,
     }
-    data = json.loads(args.out.read_text()) if args.out.exists() else {}
-    data["index"] = results
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, args.out)
-    print(f"merged into {args.out} under 'index'")
+    merge_results("index", results, args.out)
     return 0
 
 

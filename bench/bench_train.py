@@ -14,7 +14,6 @@ Prints a table and merges the figures into bench/results.json under the "train" 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -26,7 +25,7 @@ from typing import Callable
 import torch
 
 import common  # noqa: F401,E402  (puts the project on sys.path)
-from common import machine_info  # noqa: E402
+from common import merge_results  # noqa: E402
 from model import ModelConfig, Transformer, lm_loss, num_params, preset  # noqa: E402
 
 
@@ -274,7 +273,6 @@ def main() -> None:
         print(f"speed-up over HF's best ({hf_best['name']}): {speedup:.2f}x (target >= 1.5x)")
 
     result = {
-        "machine": machine_info(),
         "shapes": {"preset": args.preset, "dim": config.dim, "n_layer": config.n_layer, "n_head": config.n_head,
                    "ffn_hidden": config.ffn_hidden, "vocab_size": args.vocab, "batch": args.batch, "seq": args.seq,
                    "params": num_params(config)},
@@ -288,14 +286,8 @@ def main() -> None:
         "ours_share_of_matmul_rate": mfu,
         "hf_best": hf_best["name"] if hf_best else None,
         "speedup_vs_hf_best": speedup,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    existing = json.loads(args.out.read_text()) if args.out.exists() else {}
-    existing["train"] = result  # other keys (sampling, tokenizer benchmarks) are kept
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(existing, indent=2) + "\n")
-    tmp.replace(args.out)
-    print(f"wrote {args.out} ['train']")
+    merge_results("train", result, args.out)
 
 
 if __name__ == "__main__":
