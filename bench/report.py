@@ -1,5 +1,7 @@
 """Render BENCHMARKS.md from bench/results.json (and artifacts/report.json): the tables people read,
 always in step with the JSON the benchmark scripts wrote. `make bench` and `make eval` call it.
+A section whose figures are not in results.json (a benchmark not re-run on this checkout) keeps its
+text from the current BENCHMARKS.md, with the machine and date it was measured on.
 
     .venv/bin/python bench/report.py
 """
@@ -37,8 +39,9 @@ def main() -> None:
         t = json.loads(tok_report.read_text())
         vq = t["vq"]
         out += ["## Tokenizer (`make tokenize`, default preset)", "",
-                table(["corpus (eval split)", "codebook usage", "perplexity", "PSNR dB"],
-                      [[c, vq["codebook_usage"][c], vq["perplexity"][c], vq["psnr_db"][c]] for c in vq["psnr_db"]]),
+                table(["corpus (eval split)", "codebook usage", "perplexity", "PSNR dB", "blank share", "content perplexity"],
+                      [[c, vq["codebook_usage"][c], vq["perplexity"][c], vq["psnr_db"][c],
+                        vq.get("blank_share", {}).get(c), vq.get("content_perplexity", {}).get(c)] for c in vq["psnr_db"]]),
                 "", f"BPE vocabulary {t['bpe']['vocab_size']}, unified vocabulary {t['vocab_size']}; "
                 f"{t['splits']['train']['docs']:,} train documents ({t['splits']['train']['tokens']:,} tokens), "
                 f"{t['splits']['eval']['docs']:,} eval; {t['seconds']} s in all.", ""]
@@ -91,8 +94,29 @@ def main() -> None:
                     table(list(cl["robustness_digits"][0].keys()), [list(x.values()) for x in cl["robustness_digits"]]), ""]
     if "retrieval" in r:
         out += ["## Retrieval augmentation", "", "```json", json.dumps({k: v for k, v in r["retrieval"].items() if k != "machine"}, indent=1)[:3000], "```", ""]
-    (ROOT / "BENCHMARKS.md").write_text("\n".join(out))
-    print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+    path = ROOT / "BENCHMARKS.md"
+    old = sections(path.read_text()) if path.exists() else {}
+    new = sections("\n".join(out))
+    # a section whose benchmark did not run since results.json was last cleared keeps its last text
+    merged = {**old, **new}
+    order = ["", *[k for k in old if k], *[k for k in new if k and k not in old]]
+    path.write_text("".join(merged[k].rstrip("\n") + "\n\n" for k in order if k in merged).rstrip("\n") + "\n")
+    kept = [k for k in old if k and k not in new]
+    print(f"wrote {path}" + (f" (kept from the previous file: {', '.join(kept)})" if kept else ""))
+
+
+def sections(text: str) -> dict[str, str]:
+    """Markdown split at its `## ` headings: {heading line: text up to the next heading}; the part
+    before the first heading under ""."""
+    out: dict[str, str] = {}
+    key, lines = "", []
+    for line in text.splitlines(keepends=True):
+        if line.startswith("## "):
+            out[key] = "".join(lines)
+            key, lines = line.strip(), []
+        lines.append(line)
+    out[key] = "".join(lines)
+    return out
 
 
 if __name__ == "__main__":

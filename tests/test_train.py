@@ -30,6 +30,8 @@ def test_make_tokenize_tiny_writes_tokenizer_shards_and_report(tiny_artifacts):
         assert 0 < report["vq"]["codebook_usage"][corpus] <= 1
         assert report["vq"]["perplexity"][corpus] > 1
         assert report["vq"]["psnr_db"][corpus] > 10
+        assert 0 < report["vq"]["blank_share"][corpus] < 1  # both corpora draw on black
+        assert report["vq"]["content_perplexity"][corpus] > 1
         assert (tiny_artifacts / f"vq_recon_{corpus}.png").is_file()
     assert report["bpe"]["vocab_size"] > 265
     assert report["splits"]["train"]["docs"] > 0 and report["splits"]["eval"]["docs"] > 0

@@ -233,6 +233,8 @@ def run(cfg: TokenizeConfig, out: Path, data: list[Path], data_mode: str = "add"
         "vq": {"codebook_usage": {k: v["codebook_usage"] for k, v in vq_report.items()},
                "perplexity": {k: v["perplexity"] for k, v in vq_report.items()},
                "psnr_db": {k: v["psnr_db"] for k, v in vq_report.items()},
+               **{key: {k: v[key] for k, v in vq_report.items()}
+                  for key in ("blank_share", "content_perplexity") if all(key in v for v in vq_report.values())},
                "codebook_size": vq_cfg.codebook_size, "grid": vq_cfg.grid, "train_images": int(len(train_images))},
         "bpe": {"vocab_size": bpe.get_vocab_size()},
         "vocab_size": tok.vocab_size,
