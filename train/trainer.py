@@ -251,7 +251,13 @@ def train(cfg: TrainConfig, data: Path, run: Path, resume: str = "auto", steps: 
     """Train (or resume) a run; returns the last metrics. See the module docstring."""
     d = setup_distributed()
     try:
-        return _train(cfg, data, run, resume, steps, d)
+        result = _train(cfg, data, run, resume, steps, d)
+        if d.world > 1:
+            # leave together: a rank that tears gloo down while rank 0 still writes the last
+            # checkpoint made rank 0 abort at exit ("terminate called without an active exception",
+            # seen under load in CI)
+            dist.barrier()
+        return result
     finally:
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
