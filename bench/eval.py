@@ -311,8 +311,8 @@ def main() -> None:
                if d.meta["kind"] == "single" and d.meta.get("holdout")][: (16 if args.quick else 48)]
     t2i = {}
     hows = [How(1.0), How(3.0)]
-    if mm.can_retrieve:  # the retriever re-ranks 4 candidates per caption (issue 5: optional re-ranking)
-        hows.append(How(3.0, rerank=4))
+    if mm.can_retrieve:  # the retriever re-ranks 4 or 8 candidates per caption (issue 5: optional re-ranking)
+        hows += [How(3.0, rerank=4), How(3.0, rerank=8)]
     if mm.trained_with_retrieval:  # and, for a model trained with it, retrieval on as well as off
         hows += [How(1.0, retrieve=True), How(3.0, retrieve=True)]
     for how in hows:
