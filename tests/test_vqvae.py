@@ -104,7 +104,7 @@ def test_decode_of_encode_is_deterministic(trained: VQVAE, eval_x: torch.Tensor)
 
 def test_eval_lookup_matches_the_library_quantizer(trained: VQVAE, eval_x: torch.Tensor) -> None:
     z = trained.encoder(eval_x).flatten(2).transpose(1, 2)
-    ours_q, ours_idx = trained._quantize_eval(z)
+    ours_q, ours_idx = trained._quantize_eval(z, None)  # the learned codes alone
     lib_q, lib_idx, _ = trained.vq.eval()(z)
     assert torch.equal(ours_idx, lib_idx) and torch.allclose(ours_q, lib_q, atol=1e-5)
 

@@ -57,7 +57,7 @@ class VQConfig:
     encoder_norm: str = "group"
     # reserve the last code for patches whose f×f pixels are all black (≤ BLANK_MAX_PIXEL of 255 in
     # every channel), decided from the pixels, never learned. Without it the EMA codebook with dead-code
-    # re-seeding spread the shapes world's black background (half of all patches) over ~6 bits of
+    # re-seeding spread the shapes world's black background (77% of its patches) over ~6 bits of
     # near-identical codes that depend on the rest of the picture: noise the transformer must model
     # and that Bayes-rule scores and retrieval copying inherit. Images without black patches (photos)
     # never use the code, so the tokenizer is then a plain VQ-VAE with codebook_size - 1 codes.
@@ -350,8 +350,9 @@ class VQVAE(nn.Module):
         pixels = blank.view(-1, 1, g, g).repeat_interleave(f, 2).repeat_interleave(f, 3)
         return images.masked_fill(pixels, -1.0)
 
-    def _quantize_eval(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Nearest-code lookup without touching the codebook's state: (B, N, D) -> (quantized, indices).
+    def _quantize_eval(self, z: torch.Tensor, blank: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest-code lookup without touching the codebook's state: (B, N, D) -> (quantized, indices),
+        with the blank code where `blank` (B, N) is True (see blank_mask).
 
         The library's forward would k-means-initialise an untrained codebook even in eval mode, so
         inference does the (identical, Euclidean) lookup itself.
@@ -363,7 +364,7 @@ class VQVAE(nn.Module):
         dist = cb64.pow(2).sum(-1) - 2.0 * zc64 @ cb64.t()  # (B, N, K)
         indices = dist.argmin(-1)
         quantized = self.vq.project_out(codebook[indices])  # (B, N, latent_dim)
-        return quantized, indices
+        return self._with_blank(quantized, indices, blank)
 
     def forward(self, x: torch.Tensor) -> VQOutput:
         """Reconstruct images; in train mode this also updates the EMA codebook.
@@ -376,17 +377,15 @@ class VQVAE(nn.Module):
         z = z.float().flatten(2).transpose(1, 2)  # (B, g*g, D)
         blank = self.blank_mask(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            if self.training and blank is not None and not blank.all():
+            if self.training and not (blank is not None and blank.all()):
                 # black patches take no part in k-means, EMA, re-seeding or the commitment loss
-                quantized, indices, commit_loss = self.vq(z, mask=~blank)
-            elif self.training and blank is None:
-                quantized, indices, commit_loss = self.vq(z)
+                quantized, indices, commit_loss = self.vq(z, mask=None if blank is None else ~blank)
+                quantized, indices = self._with_blank(quantized, indices, blank)
             else:  # evaluation, or a training batch of black images only
-                quantized, indices = self._quantize_eval(z)
+                quantized, indices = self._quantize_eval(z, blank)
                 keep = ~blank if blank is not None else torch.ones_like(indices, dtype=torch.bool)
                 commit_loss = self.config.commitment_weight * F.mse_loss(z[keep], quantized[keep].detach()) \
                     if keep.any() else z.sum() * 0.0
-            quantized, indices = self._with_blank(quantized, indices, blank)
         zq = quantized.transpose(1, 2).reshape(b, d, g, g)
         recon = self._black_out(self.decoder(zq), blank)
         return VQOutput(recon=recon, indices=indices.reshape(b, g, g).long(), commit_loss=commit_loss.sum())
@@ -409,10 +408,9 @@ class VQVAE(nn.Module):
         g = self.config.grid
         out = []
         for chunk in x.split(batch_size):
-            z = self.encoder(chunk.to(dev).float())
-            z = z.float().flatten(2).transpose(1, 2)
-            _, idx = self._quantize_eval(z)
-            _, idx = self._with_blank(z, idx, self.blank_mask(chunk.to(dev)))
+            chunk = chunk.to(dev).float()
+            z = self.encoder(chunk).float().flatten(2).transpose(1, 2)
+            _, idx = self._quantize_eval(z, self.blank_mask(chunk))
             out.append(idx.reshape(-1, g, g))
         if not out:
             return torch.empty(0, g, g, dtype=torch.long, device=dev)
@@ -439,8 +437,9 @@ class VQVAE(nn.Module):
         if self.config.blank_code:
             table = torch.cat([table, self.blank_embed.float()[None]])
         for chunk in indices.split(batch_size):
-            q = table[chunk.to(dev).long()]  # (b, g, g, D)
-            blank = chunk.to(dev).flatten(1) == self.blank_id if self.config.blank_code else None
+            chunk = chunk.to(dev).long()
+            q = table[chunk]  # (b, g, g, D)
+            blank = chunk.flatten(1) == self.blank_id if self.config.blank_code else None
             out.append(self._black_out(self.decoder(q.permute(0, 3, 1, 2).contiguous()), blank).clamp(-1, 1))
         if not out:
             s = self.config.image_size

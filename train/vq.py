@@ -226,25 +226,29 @@ def evaluate_vq(model: VQVAE, images: torch.Tensor | np.ndarray, batch_size: int
         rec = model.decode(codes, batch_size=batch_size).cpu().add(1).mul(127.5).round()
         se.append((rec - ref_chunk).pow(2).flatten(1).mean(1))
     mse = torch.cat(se)  # (N,) per-image MSE on 0..255
-    p = counts.double() / counts.sum()
-    entropy = -(p[p > 0] * p[p > 0].log()).sum()
     extra = {}
     if model.blank_id is not None:  # how much of the picture is black, and how varied the rest is
         content = counts.clone()
         content[model.blank_id] = 0
-        q = content.double() / content.sum().clamp_min(1)
         extra = {"blank_share": float(counts[model.blank_id] / counts.sum()),
-                 "content_perplexity": float((-(q[q > 0] * q[q > 0].log()).sum()).exp())}
+                 "content_perplexity": _perplexity(content)}
     return {
         "codebook_usage": float((counts > 0).double().mean()),
         "codes_used": int((counts > 0).sum()),
         "codebook_size": k,
-        "perplexity": float(entropy.exp()),
+        "perplexity": _perplexity(counts),
         "psnr_db": float(_psnr_from_mse(mse, 255.0).mean()),
         "psnr_db_set": float(_psnr_from_mse(mse.mean(), 255.0)),
         "num_images": len(x),
         **extra,
     }
+
+
+def _perplexity(counts: torch.Tensor) -> float:
+    """exp(entropy) of a histogram of code counts (1.0 for an empty histogram)."""
+    p = counts.double() / counts.sum().clamp_min(1)
+    p = p[p > 0]
+    return float((-(p * p.log()).sum()).exp())
 
 
 @torch.no_grad()
