@@ -54,6 +54,13 @@ def test_training_lowers_held_out_loss_and_writes_a_loadable_checkpoint(tiny_art
     evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]
     assert len(evals) == 2 and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     assert (run / "loss_curve.png").is_file()
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert final["step"] == 24 and "eval_image_nll" in final
+    # `make train` on a finished run resumes at its last step and must keep the run's figures
+    r = subprocess.run(train_cmd(tiny_artifacts, run, "eval_every=12"), cwd=ROOT, env=env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((run / "final_metrics.json").read_text()) == final
     from model.checkpoint import load_pretrained
 
     loaded = load_pretrained(run)

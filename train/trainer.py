@@ -269,7 +269,7 @@ def _train(cfg: TrainConfig, data: Path, run: Path, resume: str, steps: int | No
     shard = Shard(data / "shards" / "train")
     eval_shard = Shard(data / "shards" / "eval") if (data / "shards" / "eval" / "index.json").is_file() else None
 
-    state_in = None
+    state_in, info = None, {}
     has_ckpt = (run / LATEST_FILE).is_file()
     if resume == "must" and not has_ckpt:
         raise ValueError(f"--resume must: no checkpoint in {run}")
@@ -333,7 +333,7 @@ def _train(cfg: TrainConfig, data: Path, run: Path, resume: str, steps: int | No
     stream = batches(cfg, shard, seq_cfg, d, epoch, loader_state, loader_pos, neighbours)
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * d.world
     bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=not d.is_main, dynamic_ncols=True)
-    last: dict[str, Any] = {}
+    last: dict[str, Any] = dict(info["metrics"]) if state_in is not None else {}  # a finished run resumed keeps its figures
     t_log, tok_log = time.time(), 0
     step = start_step
     try:
