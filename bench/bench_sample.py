@@ -73,7 +73,8 @@ def compiled_copy(model: Transformer) -> Transformer:
     return twin
 
 
-def hf_generate(model: Transformer, prompt: torch.Tensor, new: int, bf16: bool, compiled: bool = False):
+def hf_generate(model: Transformer, prompt: torch.Tensor, new: int, bf16: bool, compiled: bool = False,
+                frozen: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     c = model.config
@@ -83,7 +84,9 @@ def hf_generate(model: Transformer, prompt: torch.Tensor, new: int, bf16: bool, 
         rms_norm_eps=c.norm_eps, rope_theta=c.rope_base, attn_implementation="sdpa")).eval()
     if compiled:  # transformers' documented fast path: a static KV cache and a compiled forward
         hf.generation_config.cache_implementation = "static"
-        hf.forward = torch.compile(hf.forward, dynamic=False)
+        # frozen: the same Inductor weight freezing our compile_decoding() uses, so that the
+        # comparison is not between freezing and no freezing
+        hf.forward = torch.compile(hf.forward, dynamic=False, options={"freezing": True} if frozen else None)
 
     def run():
         with torch.no_grad(), autocast(bf16):
@@ -101,6 +104,11 @@ def main() -> None:
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     args = p.parse_args()
+    # every contender's compiled graphs (batch 1 and 16, float32 and bf16, prefill and decode,
+    # HF with and without freezing) must stay compiled: past the default limit of 8 graphs per
+    # function, torch.compile silently falls back to eager
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 512
     torch.manual_seed(0)
     model = Transformer(preset(args.preset, vocab_size=args.vocab, block_size=max(128, args.grid ** 2 + 32))).eval()
     compiled_model = None if args.no_compile else compiled_copy(model)
@@ -121,14 +129,16 @@ def main() -> None:
                 fns[f"HF generate {tag}"] = hf_generate(model, prompt, new, bf16)
                 if not args.no_compile:
                     fns[f"HF generate static compiled {tag}"] = hf_generate(model, prompt, new, bf16, compiled=True)
+                    fns[f"HF generate static compiled frozen {tag}"] = hf_generate(model, prompt, new, bf16, compiled=True,
+                                                                                   frozen=True)
         fns = {name: fn for name, fn in fns.items() if _works(name, fn, failures)}
         secs = interleaved(fns, args.rounds, warmup=0)  # _works already ran each once (compiling)
         for name, s in secs.items():
             rows.append({"batch": batch, "name": name, "seconds": s, "images_per_s": batch / s,
                          "tokens_per_s": batch * new / s})
-    print(f"\n{'batch':>5} {'contender':22s} {'images/s':>9} {'tokens/s':>9}")
+    print(f"\n{'batch':>5} {'contender':36s} {'images/s':>9} {'tokens/s':>9}")
     for r in rows:
-        print(f"{r['batch']:5d} {r['name']:22s} {r['images_per_s']:9.2f} {r['tokens_per_s']:9.0f}")
+        print(f"{r['batch']:5d} {r['name']:36s} {r['images_per_s']:9.2f} {r['tokens_per_s']:9.0f}")
     summary = {}
     for batch in (1, 16):
         best = lambda prefix: max((r for r in rows if r["batch"] == batch and r["name"].startswith(prefix)),
