@@ -16,7 +16,7 @@ from common import RESULTS, ROOT
 def table(header: list[str], rows: list[list[object]]) -> str:
     def fmt(x: object) -> str:
         if isinstance(x, float):
-            return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+            return f"{x:,.0f}" if abs(x) >= 999.5 else f"{x:.3g}"  # 999.7 would print as 1e+03
         return "" if x is None else str(x)
 
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
