@@ -14,7 +14,7 @@ from PIL import Image
 from train.data import shapes as S
 from train.data.shapes import (
     HOLDOUT_PAIRS, PALETTE, POSITIONS, SHAPES, Scene, ShapeSpec, analyze, caption_variants, check,
-    check_scene, render, shapes_documents,
+    check_scene, render, scenes_of, shapes_documents,
 )
 
 
@@ -27,8 +27,7 @@ def _spec(o: dict) -> ShapeSpec:
 
 
 def _scene(doc, frame: int = 0) -> Scene:
-    objs = tuple(_spec(o) for o in doc.meta["images"][frame])
-    return Scene(objs, doc.meta.get("relation"))
+    return scenes_of(doc)[frame]
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +229,16 @@ def test_checker_recovers_ground_truth_of_at_least_99_percent_of_eval_singles(ev
     assert len(singles) > 800
     ok = sum(check(d.images[0], _spec(d.meta["images"][0][0])).all_ok for d in singles)
     assert ok / len(singles) >= 0.99
+
+
+def test_scenes_of_gives_each_frame_its_objects_and_pairs_their_relation(eval_docs):
+    for d in eval_docs[:200]:
+        scenes = scenes_of(d)
+        assert len(scenes) == len(d.images) == len(d.meta["images"])
+        for scene, objs, img in zip(scenes, d.meta["images"], d.images):
+            assert [o.to_meta() for o in scene.objects] == objs
+            assert scene.relation == (d.meta["relation"] if d.meta["kind"] == "pair" else None)
+            assert render(scene).tobytes() == img.tobytes()  # the scene redraws the very image
 
 
 def test_checker_recovers_pairs_and_their_relation(eval_docs):

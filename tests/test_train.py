@@ -35,6 +35,7 @@ def test_make_tokenize_tiny_writes_tokenizer_shards_and_report(tiny_artifacts):
         assert (tiny_artifacts / f"vq_recon_{corpus}.png").is_file()
     usage = report["vq"]["codebook_usage"]  # the union of the eval splits uses every code either corpus uses
     assert max(usage["shapes"], usage["digits"]) <= usage["all eval splits"] <= min(1.0, usage["shapes"] + usage["digits"])
+    assert 0.0 <= report["vq"]["shapes_reconstruction_exact"] <= 1.0  # share of reconstructions the checker passes
     assert report["bpe"]["vocab_size"] > 265
     assert report["splits"]["train"]["docs"] > 0 and report["splits"]["eval"]["docs"] > 0
     assert report["splits"]["train"]["per_source"]["digits"]["docs"] == 1437

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from tokenizers_mm.vqvae import CONFIG_FILE, VQ_PRESETS, WEIGHTS_FILE, VQConfig, VQVAE
-from train.vq import evaluate_vq, lr_at, reconstruction_grid, train_vqvae
+from tokenizers_mm.vqvae import CONFIG_FILE, VQ_PRESETS, WEIGHTS_FILE, VQConfig, VQOutput, VQVAE
+from train.vq import code_diversity_loss, evaluate_vq, lr_at, reconstruction_grid, train_vqvae
 
 TINY = VQ_PRESETS["tiny"]
 
@@ -348,3 +348,61 @@ def test_a_folder_saved_before_blank_code_existed_loads_without_it(trained_plain
     loaded = VQVAE.from_pretrained(tmp_path)
     assert loaded.config.blank_code is False
     assert torch.equal(loaded.encode(eval_x), trained.encode(eval_x))
+
+
+# ---- per-corpus codebook diversity ---------------------------------------------------------------
+
+
+def _output_with_latents(vq: VQVAE, latents: torch.Tensor) -> VQOutput:
+    n = latents.shape[1]
+    return VQOutput(recon=torch.zeros(0), indices=torch.zeros(len(latents), n, dtype=torch.long),
+                    commit_loss=torch.zeros(()), latents=latents, blank=torch.zeros(len(latents), n, dtype=torch.bool))
+
+
+def test_diversity_loss_is_zero_when_each_corpus_spreads_evenly_and_one_when_it_collapses() -> None:
+    vq = VQVAE(dataclasses.replace(TINY, blank_code=False)).train()
+    codebook = vq.vq.codebook.detach().float()  # (K, D); project_in is the identity at latent_dim == codebook_dim
+    k = len(codebook)
+    spread = codebook[None].repeat(2, 1, 1)  # corpus 0 and 1 each put one vector on every code
+    groups = torch.tensor([0, 1])
+    even = code_diversity_loss(vq, _output_with_latents(vq, spread), groups, temperature=1e4)
+    assert float(even) == pytest.approx(0.0, abs=1e-3)
+    # each corpus on its own single code: the mixture uses two codes, yet each corpus uses one -> loss 1
+    collapsed = torch.stack([codebook[0].expand(k, -1), codebook[1].expand(k, -1)])
+    assert float(code_diversity_loss(vq, _output_with_latents(vq, collapsed), groups, temperature=1e4)) == \
+        pytest.approx(1.0, abs=1e-3)
+    # the same vectors seen as one corpus: entropy log 2 of log K
+    one = code_diversity_loss(vq, _output_with_latents(vq, collapsed), torch.tensor([0, 0]), temperature=1e4)
+    assert float(one) == pytest.approx(1.0 - np.log(2) / np.log(k), abs=1e-3)
+
+
+def test_diversity_loss_ignores_black_patches_and_reaches_only_the_encoder(eval_x: torch.Tensor) -> None:
+    vq = VQVAE(TINY).train()
+    out = vq(eval_x[:8])
+    loss = code_diversity_loss(vq, out, torch.zeros(8, dtype=torch.long), temperature=50.0)
+    assert 0.0 <= loss.item() <= 1.0
+    loss.backward()
+    assert vq.encoder.conv_in.weight.grad is not None and vq.encoder.conv_in.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in vq.decoder.parameters())
+    # black patches carry no vector of their own: a batch that is all black contributes nothing
+    black = torch.full((2, 3, TINY.image_size, TINY.image_size), -1.0)
+    assert float(code_diversity_loss(vq, vq(black), torch.zeros(2, dtype=torch.long), 50.0)) == 0.0
+
+
+def test_diversity_raises_each_corpus_codebook_usage_in_a_short_training(train_images: torch.Tensor) -> None:
+    half = len(train_images) // 2
+    groups = torch.arange(len(train_images)) >= half
+    usage = {}
+    for weight in (0.0, 0.3):
+        vq = train_vqvae(train_images, TINY, steps=40, batch_size=32, lr=3e-3, seed=0, progress=False,
+                         groups=groups.long(), diversity_weight=weight)
+        usage[weight] = min(evaluate_vq(vq, train_images[:half])["codes_used"],
+                            evaluate_vq(vq, train_images[half:])["codes_used"])
+    assert usage[0.3] > usage[0.0]
+
+
+def test_train_vqvae_rejects_groups_of_the_wrong_length_and_negative_diversity(train_images: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match="one corpus id per training image"):
+        train_vqvae(train_images, TINY, steps=1, groups=torch.zeros(3, dtype=torch.long), progress=False)
+    with pytest.raises(ValueError, match="diversity_weight"):
+        train_vqvae(train_images, TINY, steps=1, diversity_weight=-1.0, progress=False)

@@ -192,6 +192,8 @@ class VQOutput(NamedTuple):
     recon: torch.Tensor  # (B, 3, H, W) float, unclamped reconstruction
     indices: torch.Tensor  # (B, grid, grid) int64 codes
     commit_loss: torch.Tensor  # scalar, already weighted by commitment_weight
+    latents: torch.Tensor  # (B, grid*grid, latent_dim) float32 encoder output before quantization
+    blank: torch.Tensor | None  # (B, grid*grid) bool, True at black patches (None without blank_code)
 
 
 class ChannelNorm(nn.Module):
@@ -388,7 +390,8 @@ class VQVAE(nn.Module):
                     if keep.any() else z.sum() * 0.0
         zq = quantized.transpose(1, 2).reshape(b, d, g, g)
         recon = self._black_out(self.decoder(zq), blank)
-        return VQOutput(recon=recon, indices=indices.reshape(b, g, g).long(), commit_loss=commit_loss.sum())
+        return VQOutput(recon=recon, indices=indices.reshape(b, g, g).long(), commit_loss=commit_loss.sum(),
+                        latents=z, blank=blank)
 
     # ---- public tokenizer API --------------------------------------------------------------
 

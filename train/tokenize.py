@@ -35,7 +35,7 @@ from tqdm import tqdm
 from tokenizers_mm.document import Document
 from tokenizers_mm.multimodal import MultimodalTokenizer
 from tokenizers_mm.text import train_bpe
-from tokenizers_mm.vqvae import VQ_PRESETS
+from tokenizers_mm.vqvae import VQ_PRESETS, VQVAE
 from train.overrides import apply_overrides
 from train.shards import IMAGE, TEXT, ShardWriter
 
@@ -175,7 +175,7 @@ ALL_EVAL = "all eval splits"
 
 def run(cfg: TokenizeConfig, out: Path, data: list[Path], data_mode: str = "add") -> dict:
     """The whole of `make tokenize`; returns the report (also written to out/report.json)."""
-    from train.vq import evaluate_vq, reconstruction_grid, train_vqvae
+    from train.vq import balance, evaluate_vq, reconstruction_grid, train_vqvae
 
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -197,9 +197,9 @@ def run(cfg: TokenizeConfig, out: Path, data: list[Path], data_mode: str = "add"
     per_corpus = [images_array(v) for v in train_docs.values() if any(d.images for d in v)]
     if not per_corpus:
         raise ValueError("the training documents hold no image: an image tokenizer cannot be trained")
-    train_images = balance(per_corpus, cfg.seed)
+    train_images, groups = balance(per_corpus, cfg.seed)
     kwargs = {k: v for k, v in (("steps", cfg.vq_steps), ("batch_size", cfg.vq_batch_size), ("lr", cfg.vq_lr)) if v is not None}
-    vq = train_vqvae(torch.from_numpy(train_images), vq_cfg, seed=cfg.seed, **kwargs)
+    vq = train_vqvae(torch.from_numpy(train_images), vq_cfg, seed=cfg.seed, groups=groups, **kwargs)
     t_vq = time.time() - t0
     vq_report, eval_images = {}, []
     for name, docs in eval_docs.items():
@@ -213,6 +213,9 @@ def run(cfg: TokenizeConfig, out: Path, data: list[Path], data_mode: str = "add"
         reconstruction_grid(vq, x, n=16).save(out / f"vq_recon_{safe}.png")
     if len(eval_images) > 1:  # one codebook serves every corpus: its usage over all of them together
         vq_report[ALL_EVAL] = evaluate_vq(vq, torch.cat(eval_images))
+    world = [d for d in eval_docs.get("shapes", []) if "images" in d.meta]  # the embedded shapes world
+    if world:
+        vq_report["shapes_reconstruction_exact"] = shapes_reconstruction_exact(vq, world)
     print(f"[tokenize] VQ-VAE eval: {json.dumps(vq_report)} ({t_vq:.1f}s)")
 
     tok = MultimodalTokenizer(bpe, vq)
@@ -262,6 +265,18 @@ def run(cfg: TokenizeConfig, out: Path, data: list[Path], data_mode: str = "add"
 
 
 NEIGHBOURS_FILE, NEIGHBOUR_SCORES_FILE = "neighbours.npy", "neighbour_scores.npy"
+
+
+def shapes_reconstruction_exact(vq: VQVAE, docs: list[Document]) -> float:
+    """Share of the shapes images whose VQ reconstruction the world's exact checker passes (every
+    object's colour, shape, size and position): the ceiling of text→image accuracy with this tokenizer."""
+    from tokenizers_mm.images import tensor_to_pil
+    from train.data.shapes import check_scene, scenes_of
+
+    x = torch.from_numpy(images_array(docs)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    recon = tensor_to_pil(vq.decode(vq.encode(x)))
+    scenes = [s for d in docs for s in scenes_of(d)]
+    return sum(check_scene(img, s).exact for img, s in zip(recon, scenes, strict=True)) / len(scenes)
 
 
 def flat(sources: dict[str, list[Document]]) -> list[Document]:
@@ -386,15 +401,6 @@ def write_neighbours(cfg: TokenizeConfig, retriever: Any, tok: MultimodalTokeniz
                         "mean_top1_score": round(float(r.scores[valid[:, 0], 0].mean()), 4) if valid[:, 0].any() else None}
     stats["seconds"] = round(time.time() - t0, 1)
     return stats
-
-
-def balance(per_corpus: list[np.ndarray], seed: int) -> np.ndarray:
-    """Concatenate image sets, repeating the smaller ones so that every corpus weighs the same
-    in VQ-VAE training (digits are 7k images, shapes tens of thousands)."""
-    largest = max(len(a) for a in per_corpus)
-    rng = np.random.default_rng(seed)
-    parts = [a if len(a) == largest else a[rng.integers(0, len(a), largest)] for a in per_corpus]
-    return np.concatenate(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

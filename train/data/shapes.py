@@ -545,6 +545,15 @@ class SceneCheck:
     exact: bool  # every attribute of every object right, positions included
 
 
+def scenes_of(doc: Document) -> list[Scene]:
+    """The ground-truth scene of each image of a shapes document, from its `meta`."""
+    scenes = []
+    for objs in doc.meta["images"]:
+        specs = tuple(ShapeSpec(**{**o, "jitter": tuple(o["jitter"])}) for o in objs)
+        scenes.append(Scene(specs, doc.meta.get("relation") if len(specs) == 2 else None))
+    return scenes
+
+
 def check_scene(img: Image.Image, scene: Scene | ShapeSpec) -> SceneCheck:
     """Judge an image against a scene: counts, objects, the pair's relation, exact match."""
     if isinstance(scene, ShapeSpec):
