@@ -4,7 +4,10 @@ without a KV cache and against Hugging Face `LlamaForCausalLM.generate()` of the
 A benchmark, not a test. Each contender draws one image (grid² codes + <eoi>) per row after a
 short caption prompt, at batch 1 and batch 16, timed interleaved. Random weights (speed does not
 depend on them), float32 and bf16 autocast both tried for every contender; the best of each is
-compared.
+compared. Two tasks: plain sampling, and text→image as the product draws it, with classifier-free
+guidance (scale 3, the unconditional stream's prompt `<bos> <boi>`): ours batches both streams
+into one forward pass; transformers' `generate(guidance_scale=..., negative_prompt_ids=...)`, its
+documented way to guide a decoder-only model, runs the unconditional stream as a second forward.
 
     .venv/bin/python bench/bench_sample.py [--ckpt runs/default]     # needs transformers (bench extra)
 """
@@ -21,12 +24,16 @@ from model import Transformer, preset
 from sample import logits as L
 from tokenizers_mm import special
 
+UNCOND = [special.BOS_ID, special.BOI_ID]  # the guidance stream's prompt: the caption dropped, as in training
+GUIDANCE = 3.0  # the text→image default of `make eval` and the demo
+
 
 def autocast(bf16: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def ours_cached(model: Transformer, prompt: torch.Tensor, new: int, text_vocab: int, bf16: bool):
+def ours_cached(model: Transformer, prompt: torch.Tensor, new: int, text_vocab: int, bf16: bool,
+                guidance: float = 1.0):
     """Our sampler's inner loop (generate_ids without the Python bookkeeping of callbacks)."""
     from sample.generate import SamplingConfig, generate_ids
 
@@ -37,11 +44,12 @@ def ours_cached(model: Transformer, prompt: torch.Tensor, new: int, text_vocab: 
         image_offset = text_vocab
 
     prompts = prompt.tolist()
+    uncond = [UNCOND] * len(prompts) if guidance != 1.0 else None
 
     def run():
         with autocast(bf16):
-            return generate_ids(model, Tok, prompts, max_new_tokens=new, sampling=SamplingConfig(),
-                                stop_after_images=1, seed=0)
+            return generate_ids(model, Tok, prompts, max_new_tokens=new, sampling=SamplingConfig(guidance=guidance),
+                                uncond_prompts=uncond, stop_after_images=1, seed=0)
     return run
 
 
@@ -74,7 +82,7 @@ def compiled_copy(model: Transformer) -> Transformer:
 
 
 def hf_generate(model: Transformer, prompt: torch.Tensor, new: int, bf16: bool, compiled: bool = False,
-                frozen: bool = False):
+                frozen: bool = False, guidance: float = 1.0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     c = model.config
@@ -88,10 +96,13 @@ def hf_generate(model: Transformer, prompt: torch.Tensor, new: int, bf16: bool, 
         # comparison is not between freezing and no freezing
         hf.forward = torch.compile(hf.forward, dynamic=False, options={"freezing": True} if frozen else None)
 
+    guide = {} if guidance == 1.0 else {"guidance_scale": guidance,
+                                         "negative_prompt_ids": torch.tensor([UNCOND] * len(prompt))}
+
     def run():
         with torch.no_grad(), autocast(bf16):
             return hf.generate(prompt, do_sample=True, max_new_tokens=new, min_new_tokens=new, top_k=0,
-                               pad_token_id=special.PAD_ID, eos_token_id=None)
+                               pad_token_id=special.PAD_ID, eos_token_id=None, **guide)
     return run
 
 
@@ -115,44 +126,55 @@ def main() -> None:
     text_vocab = args.vocab - 512
     new = args.grid * args.grid + 1
     rows, failures = [], {}
-    for batch in (1, 16):
-        prompt = torch.cat([torch.tensor([[special.BOS_ID]]), torch.randint(9, text_vocab, (1, 8)),
-                            torch.tensor([[special.BOI_ID]])], dim=1).repeat(batch, 1)
-        fns = {}
-        for bf16 in (False, True):
-            tag = "bf16" if bf16 else "fp32"
-            fns[f"ours cached {tag}"] = ours_cached(model, prompt, new, text_vocab, bf16)
-            if not args.no_compile:
-                fns[f"ours cached compiled {tag}"] = ours_cached(compiled_model, prompt, new, text_vocab, bf16)
-            fns[f"ours uncached {tag}"] = ours_uncached(model, prompt, new, text_vocab, bf16)
-            if not args.no_hf:
-                fns[f"HF generate {tag}"] = hf_generate(model, prompt, new, bf16)
+    for guidance in (1.0, GUIDANCE):
+        task = "plain" if guidance == 1.0 else f"guidance {guidance:g}"
+        for batch in (1, 16):
+            prompt = torch.cat([torch.tensor([[special.BOS_ID]]), torch.randint(9, text_vocab, (1, 8)),
+                                torch.tensor([[special.BOI_ID]])], dim=1).repeat(batch, 1)
+            fns = {}
+            for bf16 in (False, True):
+                tag = "bf16" if bf16 else "fp32"
+                fns[f"ours cached {tag}"] = ours_cached(model, prompt, new, text_vocab, bf16, guidance)
                 if not args.no_compile:
-                    fns[f"HF generate static compiled {tag}"] = hf_generate(model, prompt, new, bf16, compiled=True)
-                    fns[f"HF generate static compiled frozen {tag}"] = hf_generate(model, prompt, new, bf16, compiled=True,
-                                                                                   frozen=True)
-        fns = {name: fn for name, fn in fns.items() if _works(name, fn, failures)}
-        secs = interleaved(fns, args.rounds, warmup=0)  # _works already ran each once (compiling)
-        for name, s in secs.items():
-            rows.append({"batch": batch, "name": name, "seconds": s, "images_per_s": batch / s,
-                         "tokens_per_s": batch * new / s})
-    print(f"\n{'batch':>5} {'contender':36s} {'images/s':>9} {'tokens/s':>9}")
+                    fns[f"ours cached compiled {tag}"] = ours_cached(compiled_model, prompt, new, text_vocab, bf16, guidance)
+                if guidance == 1.0:  # the no-cache reference loop has no guidance stream
+                    fns[f"ours uncached {tag}"] = ours_uncached(model, prompt, new, text_vocab, bf16)
+                if not args.no_hf:
+                    fns[f"HF generate {tag}"] = hf_generate(model, prompt, new, bf16, guidance=guidance)
+                    if not args.no_compile:
+                        fns[f"HF generate static compiled {tag}"] = hf_generate(model, prompt, new, bf16, compiled=True,
+                                                                                guidance=guidance)
+                        fns[f"HF generate static compiled frozen {tag}"] = hf_generate(
+                            model, prompt, new, bf16, compiled=True, frozen=True, guidance=guidance)
+            fns = {name: fn for name, fn in fns.items() if _works(f"{task}, batch {batch}: {name}", fn, failures)}
+            secs = interleaved(fns, args.rounds, warmup=0)  # _works already ran each once (compiling)
+            for name, sec in secs.items():
+                rows.append({"task": task, "batch": batch, "name": name, "seconds": sec, "images_per_s": batch / sec,
+                             "tokens_per_s": batch * new / sec})
+    print(f"\n{'task':12s} {'batch':>5} {'contender':36s} {'images/s':>9} {'tokens/s':>9}")
     for r in rows:
-        print(f"{r['batch']:5d} {r['name']:36s} {r['images_per_s']:9.2f} {r['tokens_per_s']:9.0f}")
+        print(f"{r['task']:12s} {r['batch']:5d} {r['name']:36s} {r['images_per_s']:9.2f} {r['tokens_per_s']:9.0f}")
     summary = {}
-    for batch in (1, 16):
-        best = lambda prefix: max((r for r in rows if r["batch"] == batch and r["name"].startswith(prefix)),
-                                  key=lambda r: r["tokens_per_s"], default=None)
-        ours, unc, hf = best("ours cached"), best("ours uncached"), best("HF")
-        summary[f"batch{batch}"] = {"ours_best": ours["name"], "tokens_per_s": ours["tokens_per_s"],
-                                    "images_per_s": ours["images_per_s"],
-                                    "speedup_vs_uncached": ours["tokens_per_s"] / unc["tokens_per_s"],
-                                    "speedup_vs_hf": ours["tokens_per_s"] / hf["tokens_per_s"] if hf else None}
-        print(f"batch {batch}: ours {ours['images_per_s']:.2f} images/s; ×{summary[f'batch{batch}']['speedup_vs_uncached']:.2f} "
-              f"vs no cache" + (f", ×{summary[f'batch{batch}']['speedup_vs_hf']:.2f} vs HF generate (target >= 2)" if hf else ""))
+    for task in dict.fromkeys(r["task"] for r in rows):
+        for batch in (1, 16):
+            best = lambda prefix: max((r for r in rows if r["task"] == task and r["batch"] == batch
+                                       and r["name"].startswith(prefix)), key=lambda r: r["tokens_per_s"], default=None)
+            ours, unc, hf = best("ours cached"), best("ours uncached"), best("HF")
+            if ours is None:
+                continue
+            key = f"batch{batch}" if task == "plain" else f"{task}, batch{batch}"
+            summary[key] = {"ours_best": ours["name"], "tokens_per_s": ours["tokens_per_s"],
+                            "images_per_s": ours["images_per_s"],
+                            "speedup_vs_uncached": ours["tokens_per_s"] / unc["tokens_per_s"] if unc else None,
+                            "hf_best": hf["name"] if hf else None,
+                            "speedup_vs_hf": ours["tokens_per_s"] / hf["tokens_per_s"] if hf else None}
+            line = summary[key]
+            print(f"{key}: ours {ours['images_per_s']:.2f} images/s"
+                  + (f"; ×{line['speedup_vs_uncached']:.2f} vs no cache" if unc else "")
+                  + (f"; ×{line['speedup_vs_hf']:.2f} vs HF's best ({hf['name']}; target >= 2)" if hf else ""))
     for name, err in failures.items():
         print(f"{name}: failed ({err})")
-    merge_results("sample", {"preset": args.preset, "vocab": args.vocab, "new_tokens": new, "rows": rows,
+    merge_results("sample", {"preset": args.preset, "vocab": args.vocab, "new_tokens": new, "guidance": GUIDANCE, "rows": rows,
                              "summary": summary, "failed": failures})
 
 

@@ -58,10 +58,14 @@ def main() -> None:
     if "sample" in r:
         s = r["sample"]
         out += ["## Image generation (`bench/bench_sample.py`)", "", machine({**s["machine"], "time": s.get("time")}), "",
-                table(["batch", "contender", "images/s", "tokens/s"],
-                      [[x["batch"], x["name"], x["images_per_s"], x["tokens_per_s"]] for x in s["rows"]]), "",
-                table(["batch", "ours best", "× no KV cache", "× HF generate (target 2)"],
-                      [[k, v["ours_best"], v["speedup_vs_uncached"], v["speedup_vs_hf"]] for k, v in s["summary"].items()]), ""]
+                "Tasks: plain sampling, and sampling with classifier-free guidance (scale "
+                f"{s.get('guidance', 3):g}; ours batches the unconditional stream into the same forward pass, "
+                "transformers' `generate(guidance_scale=...)` runs it as a second one).", "",
+                table(["task", "batch", "contender", "images/s", "tokens/s"],
+                      [[x.get("task", "plain"), x["batch"], x["name"], x["images_per_s"], x["tokens_per_s"]] for x in s["rows"]]), "",
+                table(["task, batch", "ours best", "× no KV cache", "HF best", "× HF's best (target 2)"],
+                      [[k, v["ours_best"], v["speedup_vs_uncached"], v.get("hf_best"), v["speedup_vs_hf"]]
+                       for k, v in s["summary"].items()]), ""]
     if "classify" in r:
         c = r["classify"]
         out += ["## Bayes classification speed (`bench/bench_classify.py`)", "", machine({**c["machine"], "time": c.get("time")}), "",
