@@ -213,9 +213,8 @@ def run(cfg: TokenizeConfig, out: Path, data: list[Path], data_mode: str = "add"
     if len(eval_images) > 1:  # one codebook serves every corpus: its usage over all of them together
         vq_report[ALL_EVAL] = evaluate_vq(vq, torch.cat(eval_images))
     world = [d for d in eval_docs.get("shapes", []) if "images" in d.meta]  # the embedded shapes world
-    if world:
-        vq_report["shapes_reconstruction_exact"] = shapes_reconstruction_exact(vq, world)
-    print(f"[tokenize] VQ-VAE eval: {json.dumps(vq_report)} ({t_vq:.1f}s)")
+    recon_exact = {"shapes_reconstruction_exact": shapes_reconstruction_exact(vq, world)} if world else {}
+    print(f"[tokenize] VQ-VAE eval: {json.dumps({**vq_report, **recon_exact})} ({t_vq:.1f}s)")
 
     tok = MultimodalTokenizer(bpe, vq)
     tok.save(out / "tokenizer")
@@ -247,6 +246,7 @@ def run(cfg: TokenizeConfig, out: Path, data: list[Path], data_mode: str = "add"
                "psnr_db": {k: v["psnr_db"] for k, v in vq_report.items()},
                **{key: {k: v[key] for k, v in vq_report.items()}
                   for key in ("blank_share", "content_perplexity") if all(key in v for v in vq_report.values())},
+               **recon_exact,
                "codebook_size": vq_cfg.codebook_size, "grid": vq_cfg.grid, "train_images": int(len(train_images))},
         "bpe": {"vocab_size": bpe.get_vocab_size()},
         "vocab_size": tok.vocab_size,
