@@ -390,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
 
     report: dict = {"preset": args.preset, "config": config.to_dict(), "params": num_params(model),
                     "steps": steps, "batch_size": bs, "lr": lr, "seed": args.seed,
+                    "diversity_weight": s.diversity_weight if args.diversity is None else args.diversity,
+                    "diversity_temperature": s.diversity_temperature if args.diversity_temperature is None
+                    else args.diversity_temperature,
                     "bf16_autocast": bf16_pays(torch.device("cpu")), "threads": torch.get_num_threads(),
                     "train_images": {k: len(v) for k, v in train.items()}, "train_seconds": round(t_train, 1),
                     "psnr_note": "psnr_db: mean over eval images of per-image PSNR on 0..255; "
