@@ -406,3 +406,16 @@ def test_train_vqvae_rejects_groups_of_the_wrong_length_and_negative_diversity(t
         train_vqvae(train_images, TINY, steps=1, groups=torch.zeros(3, dtype=torch.long), progress=False)
     with pytest.raises(ValueError, match="diversity_weight"):
         train_vqvae(train_images, TINY, steps=1, diversity_weight=-1.0, progress=False)
+
+
+def test_the_train_vq_command_writes_the_model_grids_and_a_report_with_its_settings(tmp_path: Path) -> None:
+    from train.vq import main
+
+    args = ["--preset", "tiny", "--out", str(tmp_path), "--steps", "5", "--shapes-train", "100", "--shapes-eval", "20",
+            "--digits-augment", "0", "--no-progress", "--threads", "1", "--diversity", "0.1"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["diversity_weight"] == 0.1 and report["diversity_temperature"] == 100.0 and report["steps"] == 5
+    assert set(report["eval"]) == {"shapes", "digits", "all"}
+    assert (tmp_path / "recon_shapes.png").is_file() and (tmp_path / "recon_digits.png").is_file()
+    assert VQVAE.from_pretrained(tmp_path).is_trained
