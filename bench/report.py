@@ -93,7 +93,10 @@ def main() -> None:
             d = cl["digits"]
             rows = [[k, v.get("accuracy"), v.get("ece")] for k, v in d.items() if isinstance(v, dict)]
             out += ["### Zero-shot classification, digits test split", "", table(["scorer", "accuracy", "ECE"], rows), "",
-                    "Shapes eval singles (both directions): " + ", ".join(f"{k} task {v['accuracy_both']:.3f}" for k, v in cl["shapes"].items()), "",
+                    "### Zero-shot classification, shapes eval singles", "",
+                    table(["task", "n", "p(x|c)", "p(caption|x)", "both"],
+                          [[k, v.get("n"), v.get("accuracy_image"), v.get("accuracy_text"), v.get("accuracy_both")]
+                           for k, v in cl["shapes"].items()]), "",
                     "### Robustness (digits test subset)", "",
                     table(list(cl["robustness_digits"][0].keys()), [list(x.values()) for x in cl["robustness_digits"]]), ""]
     if "retrieval" in r:

@@ -235,19 +235,51 @@ class MultimodalModel:
 
     def image_text_scores(self, images: Sequence[Image.Image], text: str) -> torch.Tensor:
         """Cosine similarity (N,) of each image to the text in the retriever's embedding space."""
+        return (self._embed_images(images) @ self._embed_texts([text]).T).squeeze(1)
+
+    def text_image_scores(self, image: Image.Image, texts: Sequence[str]) -> torch.Tensor:
+        """Cosine similarity (T,) of each text to the image in the retriever's embedding space."""
+        return (self._embed_texts(texts) @ self._embed_images([image]).T).squeeze(1)
+
+    def _retriever(self):
         if self.bank is None:
             raise ValueError("re-ranking needs the retriever: this checkpoint has no retriever/ folder (train "
                              "on a `make tokenize` output that includes the retriever)")
-        ids = self.tokenizer.encode_text(text)
-        if not ids:
-            raise ValueError("the text is empty")
-        retriever = self.bank.retriever
-        return (retriever.embed_images(list(images)) @ retriever.embed_texts([ids]).T).squeeze(1)
+        return self.bank.retriever
+
+    def _embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return self._retriever().embed_images(list(images))
+
+    def _embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        retriever = self._retriever()
+        ids = [self.tokenizer.encode_text(t) for t in texts]
+        if not all(ids):
+            raise ValueError("a text to score is empty")
+        return retriever.embed_texts(ids)
 
     def caption(self, image: Image.Image, *, n: int = 1, temperature: float = 0.0, seed: int = 0,
-                max_new_tokens: int = 32, retrieve: bool | None = None) -> list[str]:
-        """n captions for an image (greedy by default); retrieve as in `generate`."""
+                max_new_tokens: int = 32, rerank: int = 1, retrieve: bool | None = None) -> list[str]:
+        """n captions for an image (greedy by default); retrieve as in `generate`.
+
+        rerank: draw n·rerank captions (sampled: needs temperature > 0) and keep the n that the
+        retriever scores closest to the image, best first, as `text_to_image` re-ranks images;
+        1 = no re-ranking.
+        """
+        if rerank < 1:
+            raise ValueError(f"rerank must be >= 1 candidates per caption, got {rerank}")
+        if rerank > 1 and temperature <= 0:
+            raise ValueError("rerank > 1 needs temperature > 0: greedy decoding draws the same caption every time")
         s = SamplingConfig(temperature=temperature)
-        gens = self.generate([image], n=n, next="text", sampling=s, seed=seed, max_new_tokens=max_new_tokens,
+        gens = self.generate([image], n=n * rerank, next="text", sampling=s, seed=seed, max_new_tokens=max_new_tokens,
                              retrieve=retrieve)
-        return [" ".join(g.document.texts).strip() for g in gens]
+        texts = [" ".join(g.document.texts).strip() for g in gens]
+        if rerank == 1:
+            return texts
+        return [texts[i] for i in self.rank_texts(image, texts)[:n]]
+
+    def rank_texts(self, image: Image.Image, texts: Sequence[str]) -> list[int]:
+        """Indices of `texts`, the one the retriever scores closest to the image first; empty
+        texts (which cannot be embedded) last."""
+        scored = [i for i, t in enumerate(texts) if t.strip()]
+        order = self.text_image_scores(image, [texts[i] for i in scored]).argsort(descending=True).tolist() if scored else []
+        return [scored[i] for i in order] + [i for i, t in enumerate(texts) if not t.strip()]

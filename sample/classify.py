@@ -6,6 +6,12 @@ Two directions, and their combination:
 - "text": log p(caption_c | x) = Σ log p(tok | <bos> <boi> codes <eoi> caption_<) including <eos>.
 - "both": the sum of the two log-scores, then the prior.
 
+Views (test-time augmentation): with views=V the image is also scored shifted by whole pixels
+(`shifted_views`) and each direction's log-score is averaged over the V views, a product of
+experts over copies the model should find equally likely. It costs V× the time and reduces the
+variance of the model's per-image likelihood (digits p(x|c): 61% → 79% at V=9 on the default
+model, see README).
+
 Efficiency: every class prompt is prefilled once and its KV cache repeated along the batch for
 all images (`cache_state` / `load_cache_state`), and in the text direction each image's prefix is
 prefilled once and shared by all class captions. `naive_scores` is the per-class, per-image
@@ -16,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -39,6 +46,7 @@ class Classification:
     image_loglik: Tensor | None  # (N, C) log p(x | c), if computed
     text_loglik: Tensor | None  # (N, C) log p(caption_c | x), if computed
     mode: str
+    views: int = 1
 
     @property
     def predictions(self) -> list[str]:
@@ -100,6 +108,25 @@ def _continue_logp(model: Transformer, state: CacheState, first_logits: Tensor, 
     else:
         lp = lp_first
     return lp.masked_fill(targets < 0, 0.0)
+
+
+MAX_VIEWS = 25
+# shift offsets (dx, dy) nearest first: the image itself, its 4 one-pixel axis shifts, the 4
+# one-pixel diagonals, then the 16 two-pixel shifts; views=V takes the first V
+_OFFSETS: list[tuple[int, int]] = sorted(
+    ((dx, dy) for dx in range(-2, 3) for dy in range(-2, 3)),
+    key=lambda o: (max(abs(o[0]), abs(o[1])), abs(o[0]) + abs(o[1]), o[1], o[0]))
+
+
+def shifted_views(image: Image.Image, views: int) -> list[Image.Image]:
+    """The image and views-1 copies shifted by whole pixels (nearest shifts first, at most 2 px),
+    the uncovered border filled by repeating the edge pixels (black stays black)."""
+    if not 1 <= views <= MAX_VIEWS:
+        raise ValueError(f"views must be between 1 and {MAX_VIEWS}, got {views}")
+    arr = np.asarray(image.convert("RGB"))
+    h, w = arr.shape[:2]
+    pad = np.pad(arr, ((2, 2), (2, 2), (0, 0)), mode="edge")
+    return [Image.fromarray(np.ascontiguousarray(pad[2 - dy : 2 - dy + h, 2 - dx : 2 - dx + w])) for dx, dy in _OFFSETS[:views]]
 
 
 def image_codes(tokenizer: MultimodalTokenizer, images: Sequence[Image.Image] | Tensor) -> Tensor:
@@ -184,29 +211,43 @@ def text_loglik(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequ
 
 def classify(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequence[Image.Image] | Tensor,
              labels: Sequence[str], templates: Sequence[str] = ("{}",), *, prior: Sequence[float] | Tensor | None = None,
-             mode: Mode = "both", bf16: bool = True, prune_after: int | None = None, keep: int = 3) -> Classification:
+             mode: Mode = "both", views: int = 1, bf16: bool = True, prune_after: int | None = None,
+             keep: int = 3) -> Classification:
     """Posterior over `labels` for each image by Bayes' rule.
 
     templates: prompt templates with {} for the label; their likelihoods are combined by
     log-mean-exp (see sample.bayes.ensemble_templates). mode: "image" uses p(x|c), "text" uses
-    p(caption_c|x), "both" adds the two log-scores. prior: None (uniform) or C probabilities.
+    p(caption_c|x), "both" adds the two log-scores. views: score each PIL image also shifted by
+    whole pixels and average each log-score over the views (module docstring; V× the time).
+    prior: None (uniform) or C probabilities.
     """
     labels = list(labels)
     check_labels(labels, templates)
     if mode not in ("image", "text", "both"):
         raise ValueError(f"mode must be 'image', 'text' or 'both', got {mode!r}")
+    if not isinstance(views, int) or not 1 <= views <= MAX_VIEWS:
+        raise ValueError(f"views must be an integer between 1 and {MAX_VIEWS}, got {views!r}")
     p = check_prior(prior, len(labels))
+    if views > 1:
+        if isinstance(images, Tensor):
+            raise ValueError("views > 1 needs the images themselves (PIL), not precomputed codes")
+        per_image = [shifted_views(im, views) for im in images]
+        images = [v[k] for k in range(views) for v in per_image]  # view-major: (V·N)
     codes = image_codes(tokenizer, images) - tokenizer.image_offset  # encode once for every template
+    n = len(codes) // views
+
+    def combine(per_template: list[Tensor]) -> Tensor:  # T × (V·N, C) -> (N, C)
+        return ensemble_templates(torch.stack(per_template)).view(views, n, -1).mean(0)
+
     img_ll = txt_ll = None
     if mode in ("image", "both"):
-        img_ll = ensemble_templates(torch.stack([
-            image_loglik(model, tokenizer, codes, [t.format(l) for l in labels], bf16=bf16,
-                         prune_after=prune_after, keep=keep) for t in templates]))
+        img_ll = combine([image_loglik(model, tokenizer, codes, [t.format(l) for l in labels], bf16=bf16,
+                                       prune_after=prune_after, keep=keep) for t in templates])
     if mode in ("text", "both"):
-        txt_ll = ensemble_templates(torch.stack([
-            text_loglik(model, tokenizer, codes, [t.format(l) for l in labels], bf16=bf16) for t in templates]))
+        txt_ll = combine([text_loglik(model, tokenizer, codes, [t.format(l) for l in labels], bf16=bf16)
+                          for t in templates])
     score = img_ll if txt_ll is None else txt_ll if img_ll is None else img_ll + txt_ll
-    return Classification(labels, posterior(score, p), score, img_ll, txt_ll, mode)
+    return Classification(labels, posterior(score, p), score, img_ll, txt_ll, mode, views)
 
 
 @torch.no_grad()

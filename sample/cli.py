@@ -21,6 +21,10 @@ from pathlib import Path
 from tokenizers_mm.document import Segment
 from tokenizers_mm.images import load_image
 
+# the classify command reads each image in 9 views (itself and its 8 one-pixel shifts): on the
+# default model it lifts digits zero-shot accuracy of both directions combined (README, classification)
+DEFAULT_VIEWS = 9
+
 
 def parse_prompt(text: str, image_paths: list[str], size: int) -> list[Segment]:
     """Split the prompt at each `<image>` and put the next image file there."""
@@ -106,14 +110,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def rerank(mm, prompt, gens: list, n: int) -> list:
-    """The n samples whose first new image the retriever scores closest to the prompt's text."""
-    text = " ".join(t.strip() for t in prompt if isinstance(t, str) and t.strip())
-    if not text:
-        raise ValueError("--rerank scores images against the prompt's text: give a --prompt with text")
-    if not all(g.document.images for g in gens):
-        raise ValueError("--rerank needs an image in every sample: use --next image")
-    scores = mm.image_text_scores([g.document.images[0] for g in gens], text)
-    return [gens[i] for i in scores.argsort(descending=True)[:n].tolist()]
+    """The n samples the retriever scores closest to the prompt: each new image against the
+    prompt's text (--next image), or each new text against the prompt's last image (--next text)."""
+    if all(g.document.images for g in gens):
+        text = " ".join(t.strip() for t in prompt if isinstance(t, str) and t.strip())
+        if not text:
+            raise ValueError("--rerank scores new images against the prompt's text: give a --prompt with text")
+        scores = mm.image_text_scores([g.document.images[0] for g in gens], text)
+        return [gens[i] for i in scores.argsort(descending=True)[:n].tolist()]
+    if any(g.document.images for g in gens):
+        raise ValueError("--rerank needs every sample to be an image (--next image) or every one text (--next text)")
+    images = [s for s in prompt if not isinstance(s, str)]
+    if not images:
+        raise ValueError("--rerank scores new text against the prompt's image: give an --image")
+    order = mm.rank_texts(images[-1], [" ".join(g.document.texts).strip() for g in gens])
+    return [gens[i] for i in order[:n]]
 
 
 def read_labels(spec: str) -> list[str]:
@@ -144,7 +155,7 @@ def parse_prior(spec: str | None, num_labels: int) -> list[float] | None:
 def cmd_classify(args: argparse.Namespace) -> int:
     from sample.api import MultimodalModel
     from sample.bayes import check_prior
-    from sample.classify import check_labels, classify
+    from sample.classify import MAX_VIEWS, check_labels, classify
 
     labels = read_labels(args.labels)
     templates = args.template or ["{}"]
@@ -155,7 +166,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
         raise ValueError("no --images given")
     mm = MultimodalModel.from_pretrained(args.ckpt)
     images = [load_image(p, mm.tokenizer.image_size) for p in args.images]
-    out = classify(mm.model, mm.tokenizer, images, labels, templates, prior=prior, mode=args.mode)
+    if not 1 <= args.views <= MAX_VIEWS:
+        raise ValueError(f"--views must be between 1 and {MAX_VIEWS}, got {args.views}")
+    out = classify(mm.model, mm.tokenizer, images, labels, templates, prior=prior, mode=args.mode, views=args.views)
     for i, path in enumerate(args.images):
         post = {l: round(float(p), 6) for l, p in zip(labels, out.posterior[i])}
         ll = {l: round(float(v), 4) for l, v in zip(labels, out.loglik[i])}
@@ -191,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prepend documents retrieved for the prompt (auto: if the model was trained with retrieval)")
     g.add_argument("--k", type=int, default=None, help="documents to retrieve (default: the training maximum)")
     g.add_argument("--rerank", type=int, default=1, metavar="R",
-                   help="draw R candidates per sample and keep the n the retriever scores closest to the prompt text")
+                   help="draw R candidates per sample and keep the n the retriever scores closest to the prompt "
+                        "(new images against its text, new text against its image)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the decoding step: pays off for many samples, not for a few")
     g.set_defaults(func=cmd_generate)
@@ -204,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prior", default=None, help="comma-separated prior probabilities, one per label")
     c.add_argument("--mode", default="both", choices=["both", "image", "text"],
                    help="both: p(x|c)·p(caption|x) (best); image: p(x|c) alone; text: p(caption|x)")
+    c.add_argument("--views", type=int, default=DEFAULT_VIEWS,
+                   help="score each image also shifted by whole pixels and average over the views "
+                        f"(1 = the image alone; up to 25; time grows with views; default {DEFAULT_VIEWS})")
     c.add_argument("--json", action="store_true", help="one JSON object per image")
     c.set_defaults(func=cmd_classify)
     return p

@@ -103,3 +103,51 @@ def test_classify_combines_directions_and_templates(model, tiny_tokenizer, codes
     assert torch.allclose(out.posterior.sum(-1), torch.ones(5, dtype=torch.float64))
     assert torch.allclose(out.loglik, out.image_loglik + out.text_loglik)
     assert len(out.predictions) == 5
+
+
+def test_shifted_views_start_with_the_image_and_move_content_by_whole_pixels():
+    import numpy as np
+    from PIL import Image
+
+    from sample.classify import MAX_VIEWS, shifted_views
+
+    arr = np.zeros((12, 12, 3), dtype=np.uint8)
+    arr[5, 6] = (200, 10, 30)  # one bright pixel away from the border
+    views = shifted_views(Image.fromarray(arr), MAX_VIEWS)
+    assert len(views) == MAX_VIEWS
+    assert np.array_equal(np.asarray(views[0]), arr)
+    shifts = []
+    for v in views:
+        a = np.asarray(v)
+        assert a.shape == arr.shape and a.sum() == arr.sum()  # black border fill adds nothing
+        ys, xs = np.nonzero(a[..., 0])
+        shifts.append((int(xs[0]) - 6, int(ys[0]) - 5))
+        assert max(abs(shifts[-1][0]), abs(shifts[-1][1])) <= 2
+    assert len(set(shifts)) == MAX_VIEWS  # every view a different shift
+    assert set(shifts[1:5]) == {(1, 0), (-1, 0), (0, 1), (0, -1)}  # the one-pixel axis shifts come first
+    edge = np.asarray(shifted_views(Image.fromarray(np.full((8, 8, 3), 90, np.uint8)), 9)[8])
+    assert (edge == 90).all()  # the uncovered border repeats the edge, it is not black
+    with pytest.raises(ValueError, match="views must be between 1 and"):
+        shifted_views(Image.fromarray(arr), MAX_VIEWS + 1)
+
+
+def test_views_average_each_direction_over_the_shifted_images(model, tiny_tokenizer):
+    from PIL import Image
+
+    from sample.classify import shifted_views
+
+    g = torch.Generator().manual_seed(3)
+    size = tiny_tokenizer.image_size
+    images = [Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).byte().numpy()) for _ in range(3)]
+    labels, templates = ["one", "two", "three"], ["a handwritten digit {}", "the number {}"]
+    out = classify(model, tiny_tokenizer, images, labels, templates, mode="both", views=3, bf16=False)
+    per_view = [classify(model, tiny_tokenizer, [shifted_views(im, 3)[k] for im in images], labels, templates,
+                         mode="both", bf16=False) for k in range(3)]
+    assert out.views == 3
+    assert torch.allclose(out.image_loglik, torch.stack([c.image_loglik for c in per_view]).mean(0), atol=1e-4)
+    assert torch.allclose(out.text_loglik, torch.stack([c.text_loglik for c in per_view]).mean(0), atol=1e-4)
+    assert torch.allclose(out.posterior.sum(-1), torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="views must be an integer between 1 and"):
+        classify(model, tiny_tokenizer, images, labels, templates, views=0)
+    with pytest.raises(ValueError, match="needs the images themselves"):
+        classify(model, tiny_tokenizer, tiny_tokenizer.encode_images(images), labels, templates, views=2)

@@ -94,3 +94,21 @@ def test_reranked_text_to_image_keeps_the_best_scored_candidates_in_order(tiny_r
     assert kept[0] >= kept[1] and kept[1] >= scores.sort(descending=True).values[1] - 1e-6
     with pytest.raises(ValueError, match="rerank"):
         mm.text_to_image(caption, rerank=0)
+
+
+def test_reranked_captions_are_the_best_scored_samples_in_order(tiny_run):
+    from sample.api import MultimodalModel
+    from train.data import shapes as shapes_data
+
+    mm = MultimodalModel.from_pretrained(tiny_run)
+    image = shapes_data.shapes_documents("eval", 4, seed=0)[0].images[0]
+    candidates = mm.caption(image, n=6, temperature=1.0, seed=5, max_new_tokens=8)  # the draws re-ranking starts from
+    best = mm.caption(image, n=2, temperature=1.0, seed=5, max_new_tokens=8, rerank=3)
+    assert best == [candidates[i] for i in mm.rank_texts(image, candidates)[:2]]
+    nonempty = [c for c in candidates if c.strip()]
+    if nonempty:  # the winner scores at least as high as every non-empty candidate
+        assert float(mm.text_image_scores(image, [best[0]])[0]) >= float(mm.text_image_scores(image, nonempty).max()) - 1e-6
+    with pytest.raises(ValueError, match="temperature"):
+        mm.caption(image, rerank=2)
+    with pytest.raises(ValueError, match="rerank"):
+        mm.caption(image, rerank=0, temperature=1.0)

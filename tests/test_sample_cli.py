@@ -87,6 +87,7 @@ def test_classify_prints_one_json_object_per_image_with_a_normalised_posterior(t
     (["--labels", "one"], "only one label"), (["--labels", "a,b,a"], "duplicate"),
     (["--labels", "a,b", "--template", "no slot"], "has no {}"), (["--labels", "a,b", "--prior", "0.5"], "1 values"),
     (["--labels", "a,b", "--prior", "0.5,0.7"], "sum to 1"), (["--labels", ","], "no labels"),
+    (["--labels", "a,b", "--views", "0"], "--views must be between 1 and 25"),
 ])
 def test_classify_refuses_bad_input_with_a_message(tiny_run, images, args, message):
     r = run("classify", "--ckpt", str(tiny_run), "--images", str(images / "red.png"), *args)
@@ -98,11 +99,17 @@ def test_classify_refuses_an_unreadable_image(tiny_run, images):
     assert r.returncode == 2 and "bad.png" in r.stderr
 
 
-def test_generate_rerank_keeps_n_samples_and_refuses_text_continuations(tiny_run, tmp_path):
+def test_generate_rerank_keeps_n_samples_of_images_and_of_captions(tiny_run, images, tmp_path):
     r = run("generate", "--ckpt", str(tiny_run), "--prompt", "a red circle", "--next", "image", "--n", "2",
             "--rerank", "2", "--out", str(tmp_path / "o"))
     assert r.returncode == 0, r.stderr
     assert len(json.loads((tmp_path / "o" / "result.json").read_text())["samples"]) == 2
+    r = run("generate", "--ckpt", str(tiny_run), "--prompt", "<image>", "--image", str(images / "red.png"),
+            "--next", "text", "--n", "2", "--rerank", "3", "--max-new-tokens", "6", "--out", str(tmp_path / "c"))
+    assert r.returncode == 0, r.stderr
+    samples = json.loads((tmp_path / "c" / "result.json").read_text())["samples"]
+    assert len(samples) == 2 and all("image" not in x for s in samples for x in s)
+    # new text is scored against the prompt's image: a prompt without one is refused
     r = run("generate", "--ckpt", str(tiny_run), "--prompt", "a red circle", "--next", "text", "--rerank", "2",
             "--max-new-tokens", "4", "--out", str(tmp_path / "t"))
-    assert r.returncode == 2 and "--next image" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "--image" in r.stderr and "Traceback" not in r.stderr
