@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from model.precision import bf16_pays
 from model.transformer import CacheState, Transformer
 from sample.bayes import check_prior, ensemble_templates, posterior
 from sample.generate import left_pad
@@ -71,12 +72,13 @@ def check_labels(labels: Sequence[str], templates: Sequence[str]) -> None:
             raise ValueError(f"template {t!r} has no {{}} where the label goes, e.g. 'a handwritten digit {{}}'")
 
 
-def _autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+def _autocast(enabled: bool | None):
+    """bf16 autocast if asked, or (None) where bf16 is native on this CPU (model.precision)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_pays("cpu") if enabled is None else enabled)
 
 
 @torch.no_grad()
-def _prefill(model: Transformer, prompts: list[list[int]], max_batch: int, extra: int, bf16: bool) -> tuple[CacheState, Tensor, Tensor]:
+def _prefill(model: Transformer, prompts: list[list[int]], max_batch: int, extra: int, bf16: bool | None) -> tuple[CacheState, Tensor, Tensor]:
     """Prefill left-padded prompts once; returns their cache snapshot, last logits (P, V) float32
     and key validity (P, Lp)."""
     ids, valid = left_pad(prompts)
@@ -91,7 +93,7 @@ def _prefill(model: Transformer, prompts: list[list[int]], max_batch: int, extra
 
 @torch.no_grad()
 def _continue_logp(model: Transformer, state: CacheState, first_logits: Tensor, key_valid: Tensor,
-                   rows: Tensor, targets: Tensor, bf16: bool) -> Tensor:
+                   rows: Tensor, targets: Tensor, bf16: bool | None) -> Tensor:
     """For cache rows `rows` (R,) of the snapshot, the log-probability of each target sequence
     (R, L) continuing that prompt: (R, L) float32. Targets equal to -1 are padding (logp 0)."""
     R, L = targets.shape
@@ -140,7 +142,7 @@ def image_codes(tokenizer: MultimodalTokenizer, images: Sequence[Image.Image] | 
 
 @torch.no_grad()
 def image_loglik(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequence[Image.Image] | Tensor,
-                 captions: Sequence[str], *, batch_rows: int = 160, bf16: bool = True,
+                 captions: Sequence[str], *, batch_rows: int = 160, bf16: bool | None = None,
                  prune_after: int | None = None, keep: int = 3) -> Tensor:
     """log p(x | caption_c) for every image and caption: (N, C).
 
@@ -184,7 +186,7 @@ def image_loglik(model: Transformer, tokenizer: MultimodalTokenizer, images: Seq
 
 @torch.no_grad()
 def text_loglik(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequence[Image.Image] | Tensor,
-                captions: Sequence[str], *, batch_rows: int = 160, bf16: bool = True) -> Tensor:
+                captions: Sequence[str], *, batch_rows: int = 160, bf16: bool | None = None) -> Tensor:
     """log p(caption_c <eos> | image) for every image and caption: (N, C). Each image's prefix
     `<bos> <boi> codes <eoi>` is prefilled once and shared by all captions."""
     x = image_codes(tokenizer, images)
@@ -211,7 +213,7 @@ def text_loglik(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequ
 
 def classify(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequence[Image.Image] | Tensor,
              labels: Sequence[str], templates: Sequence[str] = ("{}",), *, prior: Sequence[float] | Tensor | None = None,
-             mode: Mode = "both", views: int = 1, bf16: bool = True, prune_after: int | None = None,
+             mode: Mode = "both", views: int = 1, bf16: bool | None = None, prune_after: int | None = None,
              keep: int = 3) -> Classification:
     """Posterior over `labels` for each image by Bayes' rule.
 
@@ -219,7 +221,8 @@ def classify(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequenc
     log-mean-exp (see sample.bayes.ensemble_templates). mode: "image" uses p(x|c), "text" uses
     p(caption_c|x), "both" adds the two log-scores. views: score each PIL image also shifted by
     whole pixels and average each log-score over the views (module docstring; V× the time).
-    prior: None (uniform) or C probabilities.
+    prior: None (uniform) or C probabilities. bf16: autocast; None = where bf16 is native (AMX,
+    AVX512-BF16), float32 elsewhere.
     """
     labels = list(labels)
     check_labels(labels, templates)

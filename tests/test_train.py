@@ -123,3 +123,17 @@ def test_unknown_or_mistyped_settings_are_refused(tiny_artifacts, tmp_path):
         r = subprocess.run(train_cmd(tiny_artifacts, tmp_path / "x", bad), cwd=ROOT, env=env(),
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and message in r.stderr
+
+
+def test_autocast_defaults_to_where_bf16_is_native_and_can_be_forced_either_way():
+    from model.precision import bf16_pays
+    from train.config import PRESETS
+    from train.overrides import apply_overrides
+    from train.trainer import uses_bf16
+
+    cpu = torch.device("cpu")
+    cfg = PRESETS["default"]
+    assert cfg.autocast is None and uses_bf16(cfg, cpu) == bf16_pays(cpu)
+    assert uses_bf16(apply_overrides(cfg, ["autocast=true"]), cpu) is True
+    assert uses_bf16(apply_overrides(cfg, ["autocast=false"]), cpu) is False
+    assert apply_overrides(apply_overrides(cfg, ["autocast=true"]), ["autocast=none"]).autocast is None

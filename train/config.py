@@ -36,7 +36,8 @@ class TrainConfig:
     ckpt_every: int = 250  # steps between checkpoints (always one at the end)
     keep_checkpoints: int = 2  # complete checkpoints kept on disk
     sample_grid: bool = True  # draw text→image grids for fixed prompts at each evaluation
-    autocast: bool = True  # bf16 autocast (AMX on this CPU; tensor cores on GPUs)
+    # bf16 autocast: None = where bf16 is native (AMX/AVX512-BF16 CPUs, CUDA; model.precision), else float32
+    autocast: bool | None = None
     compile: bool = True  # torch.compile the training forward/backward
     seed: int = 0
     log_every: int = 10  # steps between metrics lines in metrics.jsonl

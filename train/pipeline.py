@@ -7,6 +7,7 @@ The loader's state_dict (rows already yielded) plus the epoch is all that exact 
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,10 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from train.sequences import IGNORE, Row, SequenceConfig, build_sequence, neighbour_tokens, pack, plan_rows, with_neighbours
 from train.shards import Shard
+
+# torchdata's StatefulDataLoader calls torch.set_vital on every epoch, which torch now deprecates with
+# a UserWarning per call: the user can do nothing about it
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 NEIGHBOURS_FILE = "neighbours.npy"  # (num_docs, k) int64 train-shard ids, -1 padded (train/tokenize.py)
 

@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from model.precision import bf16_pays
 from model.retrieval import Index, Retriever, RetrieverConfig, SearchResult, contrastive_loss, retriever_preset
 from tokenizers_mm.document import Document
 from train.overrides import apply_overrides
-from train.vq import bf16_pays, lr_at
+from train.vq import lr_at
 
 
 class TextEncoder(Protocol):

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from model.checkpoint import LATEST_FILE, load_config, resolve, save_pretrained
 from tokenizers_mm.atomic import save_figure_atomic, write_atomic_folder, write_text_atomic
 from model.config import preset as model_preset
+from model.precision import bf16_pays
 from model.transformer import Transformer, lm_loss
 from tokenizers_mm.multimodal import MultimodalTokenizer
 from train.config import PRESETS, TrainConfig
@@ -174,8 +175,12 @@ def evaluate(model: Transformer, rows: list[dict[str, torch.Tensor]], cfg: Train
     return {"eval_loss": (t + im) / max(tc + ic, 1), "eval_text_nll": t / max(tc, 1), "eval_image_nll": im / max(ic, 1)}
 
 
+def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    return bf16_pays(device) if cfg.autocast is None else cfg.autocast
+
+
 def autocast_ctx(cfg: TrainConfig, device: torch.device):
-    if not cfg.autocast:
+    if not uses_bf16(cfg, device):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
@@ -326,7 +331,8 @@ def _train(cfg: TrainConfig, data: Path, run: Path, resume: str, steps: int | No
     if d.is_main:
         (run / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         print(f"[train] model {cfg.model}: {model.num_params() / 1e6:.2f} M parameters, vocab {tokenizer.vocab_size}, "
-              f"block {cfg.block_size}; {len(shard):,} train documents; ranks {d.world} on {d.device}; "
+              f"block {cfg.block_size}; {len(shard):,} train documents; ranks {d.world} on {d.device} in "
+              f"{'bf16 autocast' if uses_bf16(cfg, d.device) else 'float32 (bf16 is not native here)'}; "
               f"{'resuming at step ' + str(start_step) if start_step else 'from scratch'}")
 
     loader_pos: dict[str, Any] = {"epoch": epoch, "loader": loader_state}

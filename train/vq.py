@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from model.precision import bf16_pays
 from tokenizers_mm.images import image_grid, tensor_to_pil
 from tokenizers_mm.vqvae import VQ_PRESETS, VQConfig, VQOutput, VQVAE, num_params
 
@@ -113,18 +114,6 @@ def lr_at(step: int, steps: int, lr: float) -> float:
         return lr * (step + 1) / warmup
     t = (step - warmup) / max(1, steps - warmup)
     return lr * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-def bf16_pays(device: torch.device) -> bool:
-    """bf16 autocast for the conv encoder/decoder: on CPUs with AMX or AVX512-BF16 (measured ~3× per
-    step here) and on CUDA; plain float32 elsewhere, where emulated bf16 would be slower."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-        avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-        return bool(amx or avx512_bf16)
-    return False
 
 
 def _psnr_from_mse(mse: torch.Tensor, peak: float) -> torch.Tensor:
