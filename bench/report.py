@@ -94,7 +94,7 @@ def main() -> None:
             rows = [[k, v.get("accuracy"), v.get("ece")] for k, v in d.items() if isinstance(v, dict)]
             out += ["### Zero-shot classification, digits test split", "", table(["scorer", "accuracy", "ECE"], rows), "",
                     "### Zero-shot classification, shapes eval singles", "",
-                    table(["task", "n", "p(x|c)", "p(caption|x)", "both"],
+                    table(["task", "n", "p(x\\|c)", "p(caption\\|x)", "both"],
                           [[k, v.get("n"), v.get("accuracy_image"), v.get("accuracy_text"), v.get("accuracy_both")]
                            for k, v in cl["shapes"].items()]), "",
                     "### Robustness (digits test subset)", "",
