@@ -11,10 +11,13 @@
 4. Zero-shot classification by Bayes' rule (p(x|c), p(caption|x), both) on the digits test split
    and on shapes eval images (shape task, colour task), against a supervised logistic regression
    on pixels and (if a retriever is available) the CLIP-style retriever baseline; calibration
-   (ECE); robustness under noise, blur and contrast loss. Each with one view and with VIEWS
-   shifted views (sample.classify: test-time augmentation; digits only, ROBUST_VIEWS under corruption).
+   (ECE). Digits with one view and with VIEWS shifted views (sample.classify: test-time
+   augmentation), and "both_calibrated": the two directions weighted as fitted on 100 labelled
+   training digits (sample.bayes.fit_direction_weights). Per-image scores go to
+   OUT/classification_digits_scores.npz.
+5. Robustness under noise, blur and contrast loss (digits, ROBUST_VIEWS shifted views).
 
---parts t2i,captioning,classification runs only some parts and updates those in OUT/eval.json.
+--parts t2i,captioning,classification,robustness runs only some parts and updates those in OUT/eval.json.
 
 Writes OUT/eval.json and PNGs (sample grids, a robustness plot). Not a test: figures, not asserts.
 """
@@ -30,11 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
+from torch import Tensor
 
 import common  # noqa: F401  (puts the project on sys.path)
 from common import merge_results
 from sample.api import MultimodalModel
-from sample.bayes import expected_calibration_error, posterior
+from sample.bayes import combine_directions, expected_calibration_error, fit_direction_weights, posterior
 from sample.classify import classify
 from sample.generate import SamplingConfig
 from tokenizers_mm.images import image_grid
@@ -42,8 +46,9 @@ from train.data import digits as digits_data
 from train.data import shapes as shapes_data
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-PARTS = ("t2i", "captioning", "classification")
+PARTS = ("t2i", "captioning", "classification", "robustness")
 VIEWS = 9  # shifted views for the test-time-augmented reading (sample.classify.shifted_views)
+CALIBRATION_PER_DIGIT = 10  # labelled training digits per class for the direction weights of "both"
 ROBUST_VIEWS = 5  # fewer views under corruption: 8 corruptions × views would cost most of the eval
 DIGIT_TEMPLATES = ["a handwritten digit {}", "the digit {}, written by hand", "a scan of a handwritten {}",
                    "a handwritten {}"]
@@ -211,22 +216,46 @@ def logistic_baseline(train_docs, test_images, labels_of):
     return lambda images: clf.predict(np.stack([np.asarray(im, dtype=np.float32).ravel() / 255 for im in images])).tolist()
 
 
-def classification(mm: MultimodalModel, quick: bool, retriever_dir: Path | None) -> dict:
+def calibration_digits(quick: bool) -> list:
+    """Labelled training digits (originals, CALIBRATION_PER_DIGIT of each) on which the direction
+    weights of "both" are fitted: never the test split the accuracy is read on."""
+    per = 3 if quick else CALIBRATION_PER_DIGIT
+    docs = [d for d in digits_data.digits_documents("train")]
+    return [next(d for k, d in enumerate(docs) if d.meta["label"] == digit and k >= j * len(docs) // per)
+            for j in range(per) for digit in range(10)]
+
+
+def classification(mm: MultimodalModel, quick: bool, retriever_dir: Path | None, out_dir: Path) -> dict:
     out: dict = {}
     test = digits_data.digits_documents("eval")
     if quick:
         test = test[::4]
     images = [d.images[0] for d in test]
     y = torch.tensor([d.meta["label"] for d in test])
+    calib = calibration_digits(quick)
+    cal_images, cal_y = [d.images[0] for d in calib], torch.tensor([d.meta["label"] for d in calib])
     t = time.time()
-    res = {}
-    # one "both" run gives both directions' scores; each direction is also read on its own
+    res: dict = {}
+    raw: dict = {"test_labels": y.numpy(), "calibration_labels": cal_y.numpy()}
+
+    def read(post: Tensor) -> dict:
+        return {"accuracy": float((post.argmax(-1) == y).double().mean()), "ece": expected_calibration_error(post, y)}
+
+    # one "both" run gives both directions' scores; each direction is also read on its own, and
+    # "both_calibrated" weights the directions as fitted on labelled training digits
     for views in (1, VIEWS):
+        sfx = "" if views == 1 else f"_views{views}"
         c = classify(mm.model, mm.tokenizer, images, WORDS, DIGIT_TEMPLATES, mode="both", views=views)
-        for mode, ll in (("image", c.image_loglik), ("text", c.text_loglik), ("both", c.loglik)):
-            post = posterior(ll)
-            res[mode if views == 1 else f"{mode}_views{views}"] = {
-                "accuracy": float((post.argmax(-1) == y).double().mean()), "ece": expected_calibration_error(post, y)}
+        cal = classify(mm.model, mm.tokenizer, cal_images, WORDS, DIGIT_TEMPLATES, mode="both", views=views)
+        weights = fit_direction_weights(cal.image_loglik, cal.text_loglik, cal_y)
+        for mode, ll in (("image", c.image_loglik), ("text", c.text_loglik), ("both", c.loglik),
+                         ("both_calibrated", combine_directions(c.image_loglik, c.text_loglik, weights))):
+            res[mode + sfx] = read(posterior(ll))
+        res["both_calibrated" + sfx]["weights"] = [round(w, 4) for w in weights]
+        res["both_calibrated" + sfx]["calibration_images"] = len(calib)
+        for name, cl in (("test", c), ("calibration", cal)):
+            raw[f"{name}_image{sfx}"], raw[f"{name}_text{sfx}"] = cl.image_loglik.numpy(), cl.text_loglik.numpy()
+    np.savez(out_dir / "classification_digits_scores.npz", **raw)  # per-image scores for offline analysis
     one = classify(mm.model, mm.tokenizer, images, WORDS, DIGIT_TEMPLATES[:1], mode="image")
     res["image_one_template"] = {"accuracy": float((one.posterior.argmax(-1) == y).double().mean())}
     res["seconds"] = round(time.time() - t, 1)
@@ -239,24 +268,38 @@ def classification(mm: MultimodalModel, quick: bool, retriever_dir: Path | None)
         res["clip_retriever"] = {"accuracy": float((probs.argmax(-1) == y).double().mean())}
     out["digits"] = res
 
-    # shapes: shape task and colour task on eval singles; templates marginalise the other attribute
+    # shapes: shape task and colour task on eval singles; templates marginalise the other attribute;
+    # the direction weights of "both_calibrated" are fitted on labelled train singles
     sdocs = [d for d in shapes_data.shapes_documents("eval", 600 if not quick else 200, seed=0) if d.meta["kind"] == "single"]
-    simgs = [d.images[0] for d in sdocs]
-    truth = [d.meta["images"][0][0] for d in sdocs]
-    shape_t = [f"a {c} {{}}" for c in shapes_data.COLOURS]
-    colour_t = [f"a {{}} {s}" for s in shapes_data.SHAPES]
+    cdocs = [d for d in shapes_data.shapes_documents("train", 300 if not quick else 90, seed=0) if d.meta["kind"] == "single"]
     sres = {}
-    for task, labels, templates, key in (("shape", list(shapes_data.SHAPES), shape_t, "shape"),
-                                         ("colour", list(shapes_data.COLOURS), colour_t, "colour")):
-        yy = torch.tensor([labels.index(tr[key]) for tr in truth])
+    for task, labels, key in (("shape", list(shapes_data.SHAPES), "shape"), ("colour", list(shapes_data.COLOURS), "colour")):
+        templates = ([f"a {c} {{}}" for c in shapes_data.COLOURS] if task == "shape"
+                     else [f"a {{}} {s}" for s in shapes_data.SHAPES])
         # one view: the shapes tasks have many templates, and whole-pixel shifts carry no news
         # about a colour or a shape drawn on a coarse grid
-        c = classify(mm.model, mm.tokenizer, simgs, labels, templates, mode="both")
-        sres[task] = {"n": len(simgs)} | {f"accuracy_{mode}": float((ll.argmax(-1) == yy).double().mean())
-                                          for mode, ll in (("image", c.image_loglik), ("text", c.text_loglik), ("both", c.loglik))}
+        c, cal = (classify(mm.model, mm.tokenizer, [d.images[0] for d in docs], labels, templates, mode="both")
+                  for docs in (sdocs, cdocs))
+        yy, cal_yy = (torch.tensor([labels.index(d.meta["images"][0][0][key]) for d in docs]) for docs in (sdocs, cdocs))
+        weights = fit_direction_weights(cal.image_loglik, cal.text_loglik, cal_yy)
+        sres[task] = {"n": len(sdocs), "calibration_images": len(cdocs), "weights": [round(w, 4) for w in weights]} | {
+            f"accuracy_{mode}": float((ll.argmax(-1) == yy).double().mean())
+            for mode, ll in (("image", c.image_loglik), ("text", c.text_loglik), ("both", c.loglik),
+                             ("both_calibrated", combine_directions(c.image_loglik, c.text_loglik, weights)))}
     out["shapes"] = sres
+    return out
 
-    # robustness on a subset of the digits test split
+
+def robustness(mm: MultimodalModel, quick: bool, retriever_dir: Path | None) -> list[dict]:
+    """Accuracy under corruption on a subset of the digits test split: Bayes "both" against the
+    CLIP-style retriever and logistic regression on pixels."""
+    test = digits_data.digits_documents("eval")
+    if quick:
+        test = test[::4]
+    images = [d.images[0] for d in test]
+    y = torch.tensor([d.meta["label"] for d in test])
+    logreg = logistic_baseline(digits_data.digits_documents("train"), images, lambda d: d.meta["label"])
+    clip = clip_baseline(retriever_dir, mm)
     rng = np.random.default_rng(0)
     sub = list(range(0, len(test), 4 if not quick else 2))
     rob = []
@@ -272,8 +315,7 @@ def classification(mm: MultimodalModel, quick: bool, retriever_dir: Path | None)
             row["clip_retriever"] = float((clip(imgs, WORDS, DIGIT_TEMPLATES).argmax(-1) == ys).double().mean())
         rob.append(row)
         print(f"  robustness {kind} {level}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float) and k != "level"))
-    out["robustness_digits"] = rob
-    return out
+    return rob
 
 
 def clip_baseline(retriever_dir: Path | None, mm: MultimodalModel):
@@ -365,11 +407,13 @@ def main() -> None:
             if f"shapes{how}" in report["captioning"]:
                 print(f"captioning{how}: shapes attribute accuracy {report['captioning'][f'shapes{how}']['attribute_accuracy']:.3f}, "
                       f"digits {report['captioning'][f'digits{how}']['accuracy']:.3f}")
+    retriever = Path(args.retriever) if args.retriever else None
     if "classification" in parts:
-        retriever = Path(args.retriever) if args.retriever else None
-        report["classification"] = classification(mm, args.quick, retriever)
+        report.setdefault("classification", {}).update(classification(mm, args.quick, retriever, out))
         print("classification digits: " + json.dumps({k: v for k, v in report["classification"]["digits"].items()}))
         print("classification shapes: " + json.dumps(report["classification"]["shapes"]))
+    if "robustness" in parts:
+        report.setdefault("classification", {})["robustness_digits"] = robustness(mm, args.quick, retriever)
         robustness_plot(report["classification"]["robustness_digits"], out / "robustness.png")
     report["seconds"] = round(time.time() - t0, 1)
     (out / "eval.json").write_text(json.dumps(report, indent=2))

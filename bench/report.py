@@ -91,14 +91,18 @@ def main() -> None:
         cl = e.get("classification", {})
         if cl:
             d = cl["digits"]
-            rows = [[k, v.get("accuracy"), v.get("ece")] for k, v in d.items() if isinstance(v, dict)]
-            out += ["### Zero-shot classification, digits test split", "", table(["scorer", "accuracy", "ECE"], rows), "",
-                    "### Zero-shot classification, shapes eval singles", "",
-                    table(["task", "n", "p(x\\|c)", "p(caption\\|x)", "both"],
-                          [[k, v.get("n"), v.get("accuracy_image"), v.get("accuracy_text"), v.get("accuracy_both")]
-                           for k, v in cl["shapes"].items()]), "",
-                    "### Robustness (digits test subset)", "",
-                    table(list(cl["robustness_digits"][0].keys()), [list(x.values()) for x in cl["robustness_digits"]]), ""]
+            rows = [[k, v.get("accuracy"), v.get("ece"), v.get("weights")] for k, v in d.items() if isinstance(v, dict)]
+            out += ["### Zero-shot classification, digits test split", "",
+                    "`both_calibrated`: the directions weighted (image, text) as fitted on labelled training digits.", "",
+                    table(["scorer", "accuracy", "ECE", "weights"], rows), ""]
+            if "shapes" in cl:
+                out += ["### Zero-shot classification, shapes eval singles", "",
+                        table(["task", "n", "p(x\\|c)", "p(caption\\|x)", "both", "both calibrated", "weights"],
+                              [[k, v.get("n"), v.get("accuracy_image"), v.get("accuracy_text"), v.get("accuracy_both"),
+                                v.get("accuracy_both_calibrated"), v.get("weights")] for k, v in cl["shapes"].items()]), ""]
+            if "robustness_digits" in cl:
+                out += ["### Robustness (digits test subset)", "",
+                        table(list(cl["robustness_digits"][0].keys()), [list(x.values()) for x in cl["robustness_digits"]]), ""]
     if "retrieval" in r:
         out += ["## Retrieval augmentation", "", "```json", json.dumps({k: v for k, v in r["retrieval"].items() if k != "machine"}, indent=1)[:3000], "```", ""]
     path = ROOT / "BENCHMARKS.md"

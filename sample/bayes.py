@@ -69,3 +69,43 @@ def expected_calibration_error(probs: Tensor, labels: Tensor, bins: int = 15) ->
         if inside.any():
             ece += inside.double().mean().item() * abs(correct[inside].mean().item() - conf[inside].double().mean().item())
     return ece
+
+
+def combine_directions(image_ll: Tensor, text_ll: Tensor, weights: tuple[float, float] = (1.0, 1.0)) -> Tensor:
+    """The "both" score: weights[0]·log p(x | c) + weights[1]·log p(caption_c | x), (N, C) each.
+
+    Weights (1, 1) are the plain product of the two experts. Other weights temper each direction
+    before the product (temperature scaling per expert, Guo et al. 2017); `fit_direction_weights`
+    chooses them on labelled images.
+    """
+    a, b = (float(w) for w in weights)
+    if a < 0 or b < 0 or a + b == 0:
+        raise ValueError(f"direction weights must be non-negative and not both zero, got {weights!r}")
+    return a * image_ll + b * text_ll
+
+
+def fit_direction_weights(image_ll: Tensor, text_ll: Tensor, labels: Tensor, iters: int = 200) -> tuple[float, float]:
+    """Weights (a, b) ≥ 0 minimising the negative log-likelihood of the true labels under
+    softmax(a·image_ll + b·text_ll): temperature scaling of each direction fitted jointly.
+
+    Two parameters fitted on a labelled calibration set (never the images being evaluated): the
+    ratio a/b decides which direction leads the argmax, their size fixes calibration. A direction
+    that only adds noise gets a weight near zero.
+    """
+    x = torch.stack([image_ll.double(), text_ll.double()], dim=-1)  # (N, C, 2)
+    x = x - x.mean(dim=1, keepdim=True)  # softmax is shift-invariant per row; centring helps LBFGS
+    y = torch.as_tensor(labels, dtype=torch.long)
+    if x.shape[0] != y.shape[0] or x.ndim != 3:
+        raise ValueError(f"expected (N, C) scores for N labels, got {tuple(image_ll.shape)}, {tuple(text_ll.shape)}, {tuple(y.shape)}")
+    raw = torch.zeros(2, dtype=torch.float64, requires_grad=True)  # weights = softplus(raw) ≥ 0
+    opt = torch.optim.LBFGS([raw], lr=0.5, max_iter=iters, line_search_fn="strong_wolfe")
+
+    def nll() -> Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy((x * torch.nn.functional.softplus(raw)).sum(-1), y)
+        loss.backward()
+        return loss
+
+    opt.step(nll)
+    a, b = torch.nn.functional.softplus(raw.detach()).tolist()
+    return a, b

@@ -4,7 +4,8 @@ Two directions, and their combination:
 - "image" (generative, analysis by synthesis): log p(x | c) = Σ log p(code_i | <bos> caption_c <boi> code_<i);
   posterior p(c | x) ∝ p(c) · p(x | c).
 - "text": log p(caption_c | x) = Σ log p(tok | <bos> <boi> codes <eoi> caption_<) including <eos>.
-- "both": the sum of the two log-scores, then the prior.
+- "both": the sum of the two log-scores, then the prior; `weights` temper each direction first
+  (sample.bayes.combine_directions; fitted on labelled images by fit_direction_weights).
 
 Views (test-time augmentation): with views=V the image is also scored shifted by whole pixels
 (`shifted_views`) and each direction's log-score is averaged over the V views, a product of
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from model.precision import bf16_pays
 from model.transformer import CacheState, Transformer
-from sample.bayes import check_prior, ensemble_templates, posterior
+from sample.bayes import check_prior, combine_directions, ensemble_templates, posterior
 from sample.generate import left_pad
 from tokenizers_mm import special
 from tokenizers_mm.multimodal import MultimodalTokenizer
@@ -214,13 +215,14 @@ def text_loglik(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequ
 def classify(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequence[Image.Image] | Tensor,
              labels: Sequence[str], templates: Sequence[str] = ("{}",), *, prior: Sequence[float] | Tensor | None = None,
              mode: Mode = "both", views: int = 1, bf16: bool | None = None, prune_after: int | None = None,
-             keep: int = 3) -> Classification:
+             keep: int = 3, weights: tuple[float, float] = (1.0, 1.0)) -> Classification:
     """Posterior over `labels` for each image by Bayes' rule.
 
     templates: prompt templates with {} for the label; their likelihoods are combined by
     log-mean-exp (see sample.bayes.ensemble_templates). mode: "image" uses p(x|c), "text" uses
-    p(caption_c|x), "both" adds the two log-scores. views: score each PIL image also shifted by
-    whole pixels and average each log-score over the views (module docstring; V× the time).
+    p(caption_c|x), "both" adds the two log-scores, weighted by `weights` = (image, text).
+    views: score each PIL image also shifted by whole pixels and average each log-score over the
+    views (module docstring; V× the time).
     prior: None (uniform) or C probabilities. bf16: autocast; None = where bf16 is native (AMX,
     AVX512-BF16), float32 elsewhere.
     """
@@ -231,6 +233,7 @@ def classify(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequenc
     if not isinstance(views, int) or not 1 <= views <= MAX_VIEWS:
         raise ValueError(f"views must be an integer between 1 and {MAX_VIEWS}, got {views!r}")
     p = check_prior(prior, len(labels))
+    combine_directions(torch.zeros(1, 1), torch.zeros(1, 1), weights)  # refuse bad weights before the work
     if views > 1:
         if isinstance(images, Tensor):
             raise ValueError("views > 1 needs the images themselves (PIL), not precomputed codes")
@@ -249,7 +252,7 @@ def classify(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequenc
     if mode in ("text", "both"):
         txt_ll = combine([text_loglik(model, tokenizer, codes, [t.format(l) for l in labels], bf16=bf16)
                           for t in templates])
-    score = img_ll if txt_ll is None else txt_ll if img_ll is None else img_ll + txt_ll
+    score = img_ll if txt_ll is None else txt_ll if img_ll is None else combine_directions(img_ll, txt_ll, weights)
     return Classification(labels, posterior(score, p), score, img_ll, txt_ll, mode, views)
 
 

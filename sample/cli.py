@@ -152,6 +152,17 @@ def parse_prior(spec: str | None, num_labels: int) -> list[float] | None:
     return values
 
 
+def parse_weights(text: str) -> tuple[float, float]:
+    """--weights IMAGE,TEXT: two non-negative numbers, not both zero."""
+    try:
+        a, b = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--weights takes two comma-separated numbers IMAGE,TEXT such as 0.2,1; got {text!r}") from None
+    if a < 0 or b < 0 or a + b == 0:
+        raise ValueError(f"--weights must be non-negative and not both zero; got {text!r}")
+    return a, b
+
+
 def cmd_classify(args: argparse.Namespace) -> int:
     from sample.api import MultimodalModel
     from sample.bayes import check_prior
@@ -162,13 +173,15 @@ def cmd_classify(args: argparse.Namespace) -> int:
     check_labels(labels, templates)
     prior = parse_prior(args.prior, len(labels))
     check_prior(prior, len(labels))
+    weights = parse_weights(args.weights)
     if not args.images:
         raise ValueError("no --images given")
     mm = MultimodalModel.from_pretrained(args.ckpt)
     images = [load_image(p, mm.tokenizer.image_size) for p in args.images]
     if not 1 <= args.views <= MAX_VIEWS:
         raise ValueError(f"--views must be between 1 and {MAX_VIEWS}, got {args.views}")
-    out = classify(mm.model, mm.tokenizer, images, labels, templates, prior=prior, mode=args.mode, views=args.views)
+    out = classify(mm.model, mm.tokenizer, images, labels, templates, prior=prior, mode=args.mode, views=args.views,
+                   weights=weights)
     for i, path in enumerate(args.images):
         post = {l: round(float(p), 6) for l, p in zip(labels, out.posterior[i])}
         ll = {l: round(float(v), 4) for l, v in zip(labels, out.loglik[i])}
@@ -218,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prior", default=None, help="comma-separated prior probabilities, one per label")
     c.add_argument("--mode", default="both", choices=["both", "image", "text"],
                    help="both: p(x|c)·p(caption|x) (best); image: p(x|c) alone; text: p(caption|x)")
+    c.add_argument("--weights", default="1,1", metavar="IMAGE,TEXT",
+                   help="mode both: weights of log p(x|c) and log p(caption|x) before they are added "
+                        "(1,1 = the plain product; make eval fits them on labelled training digits)")
     c.add_argument("--views", type=int, default=DEFAULT_VIEWS,
                    help="score each image also shifted by whole pixels and average over the views "
                         f"(1 = the image alone; up to 25; time grows with views; default {DEFAULT_VIEWS})")

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from model import Transformer, preset
-from sample.bayes import check_prior, em_prior, ensemble_templates, expected_calibration_error, posterior
+from sample.bayes import (check_prior, combine_directions, em_prior, ensemble_templates, expected_calibration_error,
+                          fit_direction_weights, posterior)
 from sample.classify import check_labels, classify, image_loglik, naive_scores, text_loglik
 
 
@@ -51,6 +52,31 @@ def test_ece_is_zero_for_perfectly_calibrated_confident_predictions_and_positive
     probs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     assert expected_calibration_error(probs, torch.tensor([0, 1])) == 0.0
     assert expected_calibration_error(probs, torch.tensor([1, 1])) == pytest.approx(0.5)
+
+
+def test_direction_weights_temper_each_expert_and_bad_weights_are_refused():
+    img, txt = torch.randn(4, 3), torch.randn(4, 3)
+    assert torch.allclose(combine_directions(img, txt), img + txt)
+    assert torch.allclose(combine_directions(img, txt, (0.25, 2.0)), 0.25 * img + 2.0 * txt)
+    for bad in [(-1.0, 1.0), (0.0, 0.0)]:
+        with pytest.raises(ValueError, match="non-negative"):
+            combine_directions(img, txt, bad)
+
+
+def test_fitted_direction_weights_mute_a_noisy_direction_and_lower_the_nll():
+    torch.manual_seed(0)
+    N, C = 2000, 10
+    y = torch.randint(0, C, (N,))
+    onehot = torch.nn.functional.one_hot(y, C).double()
+    txt = 3.0 * onehot + torch.randn(N, C)  # informative and about calibrated
+    img = 1.0 * onehot + 20.0 * torch.randn(N, C)  # barely informative and wildly over-confident
+    a, b = fit_direction_weights(img, txt, y)
+    assert a < 0.05 * b, (a, b)
+
+    def nll(weights):
+        return torch.nn.functional.cross_entropy(combine_directions(img, txt, weights), y).item()
+
+    assert nll((a, b)) < min(nll((1.0, 1.0)), nll((0.0, 1.0)), nll((1.0, 0.0)))
 
 
 @pytest.mark.parametrize("labels,templates,message", [
@@ -103,6 +129,11 @@ def test_classify_combines_directions_and_templates(model, tiny_tokenizer, codes
     assert torch.allclose(out.posterior.sum(-1), torch.ones(5, dtype=torch.float64))
     assert torch.allclose(out.loglik, out.image_loglik + out.text_loglik)
     assert len(out.predictions) == 5
+    tempered = classify(model, tiny_tokenizer, codes, ["one", "two"], ["a handwritten digit {}"], mode="both",
+                        bf16=False, weights=(0.5, 2.0))
+    assert torch.allclose(tempered.loglik, 0.5 * tempered.image_loglik + 2.0 * tempered.text_loglik)
+    with pytest.raises(ValueError, match="non-negative"):
+        classify(model, tiny_tokenizer, codes, ["one", "two"], mode="both", weights=(-1.0, 1.0))
 
 
 def test_shifted_views_start_with_the_image_and_move_content_by_whole_pixels():

@@ -88,6 +88,8 @@ def test_classify_prints_one_json_object_per_image_with_a_normalised_posterior(t
     (["--labels", "a,b", "--template", "no slot"], "has no {}"), (["--labels", "a,b", "--prior", "0.5"], "1 values"),
     (["--labels", "a,b", "--prior", "0.5,0.7"], "sum to 1"), (["--labels", ","], "no labels"),
     (["--labels", "a,b", "--views", "0"], "--views must be between 1 and 25"),
+    (["--labels", "a,b", "--weights", "0.5"], "two comma-separated numbers"),
+    (["--labels", "a,b", "--weights=-1,1"], "non-negative"), (["--labels", "a,b", "--weights", "0,0"], "not both zero"),
 ])
 def test_classify_refuses_bad_input_with_a_message(tiny_run, images, args, message):
     r = run("classify", "--ckpt", str(tiny_run), "--images", str(images / "red.png"), *args)
