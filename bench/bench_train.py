@@ -3,8 +3,10 @@
 A benchmark, not a test. Identical shapes for every variant (default preset dims, vocab ~4,600,
 batch 16, seq 256): one step = forward + loss + backward + AdamW. Variants run interleaved, round
 after round, so load from other processes on this shared machine hits all of them alike; the
-median step time is reported. Model FLOPs/s are compared to the bf16 matmul rate measured at the
-model's own GEMM shapes (forward and both backward products).
+median step time is reported. Model FLOPs/s are compared to the matmul rate measured at the
+model's own GEMM shapes (forward and both backward products), in the precision training uses on
+this machine: bf16 where it is native (AMX, AVX512-BF16; model.precision.bf16_pays), float32
+elsewhere, where emulated bf16 is no contender. --precision overrides.
 
     .venv/bin/python bench/bench_train.py            # needs `pip install transformers` (the bench extra)
     .venv/bin/python bench/bench_train.py --no-hf    # ours only
@@ -27,6 +29,7 @@ import torch
 import common  # noqa: F401,E402  (puts the project on sys.path)
 from common import merge_results  # noqa: E402
 from model import ModelConfig, Transformer, lm_loss, num_params, preset  # noqa: E402
+from model.precision import bf16_pays  # noqa: E402
 
 
 @dataclass
@@ -109,11 +112,11 @@ def gemm_shapes(config: ModelConfig, tokens: int) -> list[tuple[int, int, int]]:
     return shapes
 
 
-def bf16_matmul_rate(shapes: list[tuple[int, int, int]], repeats: int = 3) -> float:
-    """Achieved bf16 FLOP/s over the given (M, K, N) products (total flops / total best time)."""
+def matmul_rate(shapes: list[tuple[int, int, int]], dtype: torch.dtype, repeats: int = 3) -> float:
+    """Achieved FLOP/s in `dtype` over the given (M, K, N) products (total flops / total best time)."""
     total_flops, total_time = 0.0, 0.0
     for m, k, n in sorted(set(shapes)):
-        a, b = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(k, n, dtype=torch.bfloat16)
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         a @ b
         best = min(_timed(lambda: a @ b) for _ in range(repeats))
         count = shapes.count((m, k, n))
@@ -136,8 +139,9 @@ def model_flops_per_step(config: ModelConfig, batch: int, seq: int) -> float:
     return batch * seq * (6 * n_matmul + attention)
 
 
-def attention_paths(batch: int, n_head: int, head_dim: int, seqs: tuple[int, ...], repeats: int = 3) -> list[dict]:
-    """Forward + backward time of one attention layer in bf16 for each way to mask packed rows.
+def attention_paths(batch: int, n_head: int, head_dim: int, seqs: tuple[int, ...], dtype: torch.dtype,
+                    repeats: int = 3) -> list[dict]:
+    """Forward + backward time of one attention layer in `dtype` for each way to mask packed rows.
 
     The packing mask has ~4 documents per row. flex_attention is tried too; torch's CPU build has
     no flex backward (the error is recorded), which rules it out for training here.
@@ -146,16 +150,16 @@ def attention_paths(batch: int, n_head: int, head_dim: int, seqs: tuple[int, ...
     rows = []
     for seq in seqs:
         g = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(batch, n_head, seq, head_dim, generator=g, dtype=torch.bfloat16).requires_grad_()
+        q, k, v = (torch.randn(batch, n_head, seq, head_dim, generator=g, dtype=dtype).requires_grad_()
                    for _ in range(3))
         doc_ids = torch.sort(torch.randint(0, 4, (batch, seq), generator=g), dim=1).values
         causal = torch.ones(seq, seq, dtype=torch.bool).tril()
         bool_mask = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
-        additive = torch.zeros(bool_mask.shape, dtype=torch.bfloat16).masked_fill(~bool_mask, float("-inf"))
+        additive = torch.zeros(bool_mask.shape, dtype=dtype).masked_fill(~bool_mask, float("-inf"))
         paths: dict[str, Callable[[], torch.Tensor]] = {
             "sdpa is_causal (one doc per row)": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
             "sdpa bool packing mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask),
-            "sdpa additive bf16 packing mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=additive),
+            "sdpa additive packing mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=additive),
         }
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -191,8 +195,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face variants")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile variants")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="the contenders' precision (auto: bf16 where it is native on this CPU, else fp32)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results.json")
     args = parser.parse_args()
+    bf16 = bf16_pays("cpu") if args.precision == "auto" else args.precision == "bf16"
+    prec, dtype = ("bf16", torch.bfloat16) if bf16 else ("fp32", torch.float32)
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -202,22 +210,23 @@ def main() -> None:
     idx = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
     targets = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
 
-    variants = [Variant("ours bf16 eager", ours(config, idx, targets, bf16=True, compile=False))]
+    variants = [Variant(f"ours {prec} eager", ours(config, idx, targets, bf16=bf16, compile=False))]
     if not args.no_compile:
-        variants.append(Variant("ours bf16 compile", ours(config, idx, targets, bf16=True, compile=True), warmup=2))
-    variants.append(Variant("ours fp32 eager", ours(config, idx, targets, bf16=False, compile=False)))
+        variants.append(Variant(f"ours {prec} compile", ours(config, idx, targets, bf16=bf16, compile=True), warmup=2))
+    if bf16:  # the float32 reference
+        variants.append(Variant("ours fp32 eager", ours(config, idx, targets, bf16=False, compile=False)))
     if not args.no_hf:
         try:
             import transformers  # noqa: F401
         except ImportError:
             sys.exit("transformers is not installed: `.venv/bin/pip install transformers` (or pass --no-hf)")
         for attn in ("eager", "sdpa"):
-            for bf16 in (False, True):
-                name = f"HF Llama {'bf16' if bf16 else 'fp32'} {attn}"
-                variants.append(Variant(name, hf_llama(config, idx, attn=attn, bf16=bf16, compile=False)))
+            for half in sorted({False, bf16}):
+                name = f"HF Llama {'bf16' if half else 'fp32'} {attn}"
+                variants.append(Variant(name, hf_llama(config, idx, attn=attn, bf16=half, compile=False)))
         if not args.no_compile:
-            variants.append(Variant("HF Llama bf16 sdpa compile",
-                                    hf_llama(config, idx, attn="sdpa", bf16=True, compile=True), warmup=2))
+            variants.append(Variant(f"HF Llama {prec} sdpa compile",
+                                    hf_llama(config, idx, attn="sdpa", bf16=bf16, compile=True), warmup=2))
 
     print(f"preset {args.preset}: dim {config.dim}, n_layer {config.n_layer}, n_head {config.n_head}, "
           f"ffn {config.ffn_hidden}, vocab {args.vocab}, {num_params(config) / 1e6:.2f} M params; "
@@ -238,9 +247,9 @@ def main() -> None:
                     v.times.append(_timed(v.step))
         print(f"  round {r + 1}/{args.rounds} done", flush=True)
 
-    attention_rows = attention_paths(args.batch, config.n_head, config.head_dim, (256, 512))
+    attention_rows = attention_paths(args.batch, config.n_head, config.head_dim, (256, 512), dtype)
     flops = model_flops_per_step(config, args.batch, args.seq)
-    matmul_rate = bf16_matmul_rate(gemm_shapes(config, tokens))
+    rate = matmul_rate(gemm_shapes(config, tokens), dtype)
     rows = []
     for v in variants:
         if v.error is not None:
@@ -253,7 +262,7 @@ def main() -> None:
     ours_best = max((r for r in ok if r["name"].startswith("ours")), key=lambda r: r["tokens_per_s"])
     hf_rows = [r for r in ok if r["name"].startswith("HF")]
     hf_best = max(hf_rows, key=lambda r: r["tokens_per_s"]) if hf_rows else None
-    mfu = flops / ours_best["step_s"] / matmul_rate
+    mfu = flops / ours_best["step_s"] / rate
 
     print(f"\n{'variant':30s} {'step ms':>9s} {'tokens/s':>10s} {'vs HF best':>11s}")
     for r in rows:
@@ -262,10 +271,10 @@ def main() -> None:
             continue
         ratio = f"{r['tokens_per_s'] / hf_best['tokens_per_s']:.2f}x" if hf_best else "-"
         print(f"{r['name']:30s} {r['step_s'] * 1e3:9.0f} {r['tokens_per_s']:10.0f} {ratio:>11s}")
-    print(f"\nattention paths, one layer fwd+bwd bf16, batch {args.batch}, {config.n_head} heads of {config.head_dim}:")
+    print(f"\nattention paths, one layer fwd+bwd {prec}, batch {args.batch}, {config.n_head} heads of {config.head_dim}:")
     for a in attention_rows:
         print(f"  T={a['seq']:4d} {a['path']:34s} " + (f"{a['fwd_bwd_ms']:7.1f} ms" if "error" not in a else a["error"]))
-    print(f"\nbf16 matmul rate at the model's GEMM shapes: {matmul_rate / 1e12:.2f} TFLOP/s")
+    print(f"\n{prec} matmul rate at the model's GEMM shapes: {rate / 1e12:.2f} TFLOP/s")
     print(f"model FLOPs per step {flops / 1e9:.1f} G; best ours ({ours_best['name']}) "
           f"{flops / ours_best['step_s'] / 1e12:.3f} TFLOP/s = {100 * mfu:.0f}% of the matmul rate (target >= 40%)")
     speedup = ours_best["tokens_per_s"] / hf_best["tokens_per_s"] if hf_best else None
@@ -280,7 +289,8 @@ def main() -> None:
                     "step = forward + loss + backward + fused AdamW",
         "variants": rows,
         "attention_paths": attention_rows,
-        "bf16_matmul_flops_per_s": matmul_rate,
+        "precision": prec,
+        "matmul_flops_per_s": rate,
         "model_flops_per_step": flops,
         "ours_best": ours_best["name"],
         "ours_share_of_matmul_rate": mfu,

@@ -53,8 +53,9 @@ def main() -> None:
                       [[v["name"], v.get("step_s", 0) * 1e3, v.get("tokens_per_s")] for v in tr["variants"]]), "",
                 f"Best ours: {tr['ours_best']}; speed-up over HF's best ({tr['hf_best']}): "
                 f"**{tr['speedup_vs_hf_best']:.2f}×** (target 1.5×). Model FLOPs/s = "
-                f"**{100 * tr['ours_share_of_matmul_rate']:.0f}%** of the bf16 matmul rate measured at the model's "
-                f"GEMM shapes ({tr['bf16_matmul_flops_per_s'] / 1e12:.2f} TFLOP/s; target 40%).", ""]
+                f"**{100 * tr['ours_share_of_matmul_rate']:.0f}%** of the {tr.get('precision', 'bf16')} matmul rate "
+                f"measured at the model's GEMM shapes "
+                f"({tr.get('matmul_flops_per_s', tr.get('bf16_matmul_flops_per_s', 0)) / 1e12:.2f} TFLOP/s; target 40%).", ""]
     if "sample" in r:
         s = r["sample"]
         out += ["## Image generation (`bench/bench_sample.py`)", "", machine({**s["machine"], "time": s.get("time")}), "",
