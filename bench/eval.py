@@ -38,8 +38,8 @@ from torch import Tensor
 import common  # noqa: F401  (puts the project on sys.path)
 from common import merge_results
 from sample.api import MultimodalModel
-from sample.bayes import combine_directions, expected_calibration_error, fit_direction_weights, posterior
-from sample.classify import classify
+from sample.bayes import combine_directions, expected_calibration_error, posterior
+from sample.classify import calibrate_directions, classify
 from sample.generate import SamplingConfig
 from tokenizers_mm.images import image_grid
 from train.data import digits as digits_data
@@ -246,8 +246,8 @@ def classification(mm: MultimodalModel, quick: bool, retriever_dir: Path | None,
     for views in (1, VIEWS):
         sfx = "" if views == 1 else f"_views{views}"
         c = classify(mm.model, mm.tokenizer, images, WORDS, DIGIT_TEMPLATES, mode="both", views=views)
-        cal = classify(mm.model, mm.tokenizer, cal_images, WORDS, DIGIT_TEMPLATES, mode="both", views=views)
-        weights = fit_direction_weights(cal.image_loglik, cal.text_loglik, cal_y)
+        weights, cal = calibrate_directions(mm.model, mm.tokenizer, cal_images, cal_y.tolist(), WORDS, DIGIT_TEMPLATES,
+                                            views=views)
         for mode, ll in (("image", c.image_loglik), ("text", c.text_loglik), ("both", c.loglik),
                          ("both_calibrated", combine_directions(c.image_loglik, c.text_loglik, weights))):
             res[mode + sfx] = read(posterior(ll))
@@ -278,10 +278,10 @@ def classification(mm: MultimodalModel, quick: bool, retriever_dir: Path | None,
                      else [f"a {{}} {s}" for s in shapes_data.SHAPES])
         # one view: the shapes tasks have many templates, and whole-pixel shifts carry no news
         # about a colour or a shape drawn on a coarse grid
-        c, cal = (classify(mm.model, mm.tokenizer, [d.images[0] for d in docs], labels, templates, mode="both")
-                  for docs in (sdocs, cdocs))
-        yy, cal_yy = (torch.tensor([labels.index(d.meta["images"][0][0][key]) for d in docs]) for docs in (sdocs, cdocs))
-        weights = fit_direction_weights(cal.image_loglik, cal.text_loglik, cal_yy)
+        c = classify(mm.model, mm.tokenizer, [d.images[0] for d in sdocs], labels, templates, mode="both")
+        yy, cal_yy = ([labels.index(d.meta["images"][0][0][key]) for d in docs] for docs in (sdocs, cdocs))
+        yy = torch.tensor(yy)
+        weights, _ = calibrate_directions(mm.model, mm.tokenizer, [d.images[0] for d in cdocs], cal_yy, labels, templates)
         sres[task] = {"n": len(sdocs), "calibration_images": len(cdocs), "weights": [round(w, 4) for w in weights]} | {
             f"accuracy_{mode}": float((ll.argmax(-1) == yy).double().mean())
             for mode, ll in (("image", c.image_loglik), ("text", c.text_loglik), ("both", c.loglik),

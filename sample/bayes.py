@@ -84,13 +84,15 @@ def combine_directions(image_ll: Tensor, text_ll: Tensor, weights: tuple[float, 
     return a * image_ll + b * text_ll
 
 
-def fit_direction_weights(image_ll: Tensor, text_ll: Tensor, labels: Tensor, iters: int = 200) -> tuple[float, float]:
+def fit_direction_weights(image_ll: Tensor, text_ll: Tensor, labels: Tensor, iters: int = 200,
+                          l2: float = 1e-3) -> tuple[float, float]:
     """Weights (a, b) ≥ 0 minimising the negative log-likelihood of the true labels under
     softmax(a·image_ll + b·text_ll): temperature scaling of each direction fitted jointly.
 
     Two parameters fitted on a labelled calibration set (never the images being evaluated): the
     ratio a/b decides which direction leads the argmax, their size fixes calibration. A direction
-    that only adds noise gets a weight near zero.
+    that only adds noise gets a weight near zero. `l2` keeps the weights finite when the
+    calibration images are separated perfectly (the NLL then falls forever as the weights grow).
     """
     x = torch.stack([image_ll.double(), text_ll.double()], dim=-1)  # (N, C, 2)
     x = x - x.mean(dim=1, keepdim=True)  # softmax is shift-invariant per row; centring helps LBFGS
@@ -102,7 +104,8 @@ def fit_direction_weights(image_ll: Tensor, text_ll: Tensor, labels: Tensor, ite
 
     def nll() -> Tensor:
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy((x * torch.nn.functional.softplus(raw)).sum(-1), y)
+        w = torch.nn.functional.softplus(raw)
+        loss = torch.nn.functional.cross_entropy((x * w).sum(-1), y) + l2 * (w ** 2).sum()
         loss.backward()
         return loss
 

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from model.precision import bf16_pays
 from model.transformer import CacheState, Transformer
-from sample.bayes import check_prior, combine_directions, ensemble_templates, posterior
+from sample.bayes import check_prior, combine_directions, ensemble_templates, fit_direction_weights, posterior
 from sample.generate import left_pad
 from tokenizers_mm import special
 from tokenizers_mm.multimodal import MultimodalTokenizer
@@ -254,6 +254,19 @@ def classify(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequenc
                           for t in templates])
     score = img_ll if txt_ll is None else txt_ll if img_ll is None else combine_directions(img_ll, txt_ll, weights)
     return Classification(labels, posterior(score, p), score, img_ll, txt_ll, mode, views)
+
+
+def calibrate_directions(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequence[Image.Image],
+                         truth: Sequence[int], labels: Sequence[str], templates: Sequence[str] = ("{}",), *,
+                         views: int = 1, bf16: bool | None = None) -> tuple[tuple[float, float], Classification]:
+    """Direction weights (image, text) for "both", fitted on labelled images of the task
+    (truth[i] indexes labels): both directions are scored as `classify` would with these templates
+    and views, then sample.bayes.fit_direction_weights. Returns the weights and the scores."""
+    if len(images) != len(truth) or len(images) < 2:
+        raise ValueError(f"calibration needs at least two labelled images, one label each; got {len(images)} "
+                         f"images and {len(truth)} labels")
+    scored = classify(model, tokenizer, images, labels, templates, mode="both", views=views, bf16=bf16)
+    return fit_direction_weights(scored.image_loglik, scored.text_loglik, torch.as_tensor(list(truth))), scored
 
 
 @torch.no_grad()

@@ -163,10 +163,38 @@ def parse_weights(text: str) -> tuple[float, float]:
     return a, b
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def _accuracy(scores, truth: list[int]) -> float:
+    return sum(int(p == t) for p, t in zip(scores.argmax(-1).tolist(), truth)) / len(truth)
+
+
+def read_labelled_folder(folder: str, labels: list[str], size: int) -> tuple[list, list[int]]:
+    """A folder with one subfolder per label holding example images -> (images, label indices)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"--calibrate {folder}: not a folder; give a folder with one subfolder of example images per label")
+    subs = sorted(p.name for p in root.iterdir() if p.is_dir())
+    unknown = [s for s in subs if s not in labels]
+    if unknown:
+        raise ValueError(f"--calibrate {folder}: subfolders {unknown} are not among the labels {labels}")
+    images, truth = [], []
+    for i, label in enumerate(labels):
+        for path in sorted((root / label).glob("*")) if (root / label).is_dir() else []:
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                images.append(load_image(str(path), size))
+                truth.append(i)
+    if len(images) < 2:
+        raise ValueError(f"--calibrate {folder}: found {len(images)} example images; put labelled examples in "
+                         f"subfolders named after the labels, e.g. {root / labels[0]}/a.png")
+    return images, truth
+
+
 def cmd_classify(args: argparse.Namespace) -> int:
     from sample.api import MultimodalModel
     from sample.bayes import check_prior
-    from sample.classify import MAX_VIEWS, check_labels, classify
+    from sample.classify import MAX_VIEWS, calibrate_directions, check_labels, classify
 
     labels = read_labels(args.labels)
     templates = args.template or ["{}"]
@@ -174,12 +202,21 @@ def cmd_classify(args: argparse.Namespace) -> int:
     prior = parse_prior(args.prior, len(labels))
     check_prior(prior, len(labels))
     weights = parse_weights(args.weights)
+    if args.calibrate and args.mode != "both":
+        raise ValueError("--calibrate fits the weights of --mode both; drop --mode or set it to both")
     if not args.images:
         raise ValueError("no --images given")
     mm = MultimodalModel.from_pretrained(args.ckpt)
     images = [load_image(p, mm.tokenizer.image_size) for p in args.images]
     if not 1 <= args.views <= MAX_VIEWS:
         raise ValueError(f"--views must be between 1 and {MAX_VIEWS}, got {args.views}")
+    if args.calibrate:
+        examples, truth = read_labelled_folder(args.calibrate, labels, mm.tokenizer.image_size)
+        weights, scored = calibrate_directions(mm.model, mm.tokenizer, examples, truth, labels, templates, views=args.views)
+        print(f"calibrated on {len(examples)} labelled images: --weights {weights[0]:.4g},{weights[1]:.4g} "
+              f"(accuracy on them: image {_accuracy(scored.image_loglik, truth):.3f}, text "
+              f"{_accuracy(scored.text_loglik, truth):.3f}, both weighted "
+              f"{_accuracy(weights[0] * scored.image_loglik + weights[1] * scored.text_loglik, truth):.3f})", file=sys.stderr)
     out = classify(mm.model, mm.tokenizer, images, labels, templates, prior=prior, mode=args.mode, views=args.views,
                    weights=weights)
     for i, path in enumerate(args.images):
@@ -233,7 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="both: p(x|c)·p(caption|x) (best); image: p(x|c) alone; text: p(caption|x)")
     c.add_argument("--weights", default="1,1", metavar="IMAGE,TEXT",
                    help="mode both: weights of log p(x|c) and log p(caption|x) before they are added "
-                        "(1,1 = the plain product; make eval fits them on labelled training digits)")
+                        "(1,1 = the plain product; --calibrate fits them)")
+    c.add_argument("--calibrate", default=None, metavar="FOLDER",
+                   help="fit --weights on labelled examples: FOLDER/<label>/*.png, a few per label "
+                        "(the fitted weights are printed to reuse with --weights)")
     c.add_argument("--views", type=int, default=DEFAULT_VIEWS,
                    help="score each image also shifted by whole pixels and average over the views "
                         f"(1 = the image alone; up to 25; time grows with views; default {DEFAULT_VIEWS})")

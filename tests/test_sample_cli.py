@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -93,6 +94,36 @@ def test_classify_prints_one_json_object_per_image_with_a_normalised_posterior(t
 ])
 def test_classify_refuses_bad_input_with_a_message(tiny_run, images, args, message):
     r = run("classify", "--ckpt", str(tiny_run), "--images", str(images / "red.png"), *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_classify_calibrates_the_direction_weights_on_a_labelled_folder(tiny_run, tmp_path):
+    for label, colour in (("red", (230, 25, 25)), ("blue", (40, 70, 240))):
+        (tmp_path / "cal" / label).mkdir(parents=True)
+        for k in range(2):
+            Image.new("RGB", (32, 32), tuple(max(0, c - 20 * k) for c in colour)).save(tmp_path / "cal" / label / f"{k}.png")
+    Image.new("RGB", (32, 32), (230, 25, 25)).save(tmp_path / "query.png")
+    r = run("classify", "--ckpt", str(tiny_run), "--labels", "red,blue", "--template", "a {} square",
+            "--images", str(tmp_path / "query.png"), "--calibrate", str(tmp_path / "cal"), "--views", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    fitted = re.search(r"calibrated on 4 labelled images: --weights ([\d.e-]+),([\d.e-]+)", r.stderr)
+    assert fitted, r.stderr
+    a, b = float(fitted.group(1)), float(fitted.group(2))
+    row = json.loads(r.stdout)
+    # the weights printed are the ones used: rerun with them explicitly gives the same posterior
+    again = run("classify", "--ckpt", str(tiny_run), "--labels", "red,blue", "--template", "a {} square",
+                "--images", str(tmp_path / "query.png"), "--weights", f"{a},{b}", "--views", "1", "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["posterior"] == pytest.approx(row["posterior"], abs=2e-3)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda d: None, "not a folder"), (lambda d: (d / "green").mkdir(parents=True), "not among the labels"),
+    (lambda d: (d / "red").mkdir(parents=True), "found 0 example images")])
+def test_classify_refuses_a_bad_calibration_folder(tiny_run, images, tmp_path, make, message):
+    make(tmp_path / "cal")
+    r = run("classify", "--ckpt", str(tiny_run), "--labels", "red,blue", "--images", str(images / "red.png"),
+            "--calibrate", str(tmp_path / "cal"))
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
