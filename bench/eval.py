@@ -17,7 +17,8 @@
    OUT/classification_digits_scores.npz.
 5. Robustness under noise, blur and contrast loss (digits, ROBUST_VIEWS shifted views).
 
---parts t2i,captioning,classification,robustness runs only some parts and updates those in OUT/eval.json.
+--parts t2i,captioning,digits-classification,shapes-classification,robustness (or classification
+for the last three) runs only some parts and updates those in OUT/eval.json.
 
 Writes OUT/eval.json and PNGs (sample grids, a robustness plot). Not a test: figures, not asserts.
 """
@@ -46,7 +47,8 @@ from train.data import digits as digits_data
 from train.data import shapes as shapes_data
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-PARTS = ("t2i", "captioning", "classification", "robustness")
+PARTS = ("t2i", "captioning", "digits-classification", "shapes-classification", "robustness")
+ALIASES = {"classification": ("digits-classification", "shapes-classification", "robustness")}
 VIEWS = 9  # shifted views for the test-time-augmented reading (sample.classify.shifted_views)
 CALIBRATION_PER_DIGIT = 10  # labelled training digits per class for the direction weights of "both"
 ROBUST_VIEWS = 5  # fewer views under corruption: 8 corruptions × views would cost most of the eval
@@ -225,8 +227,7 @@ def calibration_digits(quick: bool) -> list:
             for j in range(per) for digit in range(10)]
 
 
-def classification(mm: MultimodalModel, quick: bool, retriever_dir: Path | None, out_dir: Path) -> dict:
-    out: dict = {}
+def classify_digits(mm: MultimodalModel, quick: bool, retriever_dir: Path | None, out_dir: Path) -> dict:
     test = digits_data.digits_documents("eval")
     if quick:
         test = test[::4]
@@ -266,10 +267,12 @@ def classification(mm: MultimodalModel, quick: bool, retriever_dir: Path | None,
     if clip is not None:
         probs = clip(images, WORDS, DIGIT_TEMPLATES)
         res["clip_retriever"] = {"accuracy": float((probs.argmax(-1) == y).double().mean())}
-    out["digits"] = res
+    return res
 
-    # shapes: shape task and colour task on eval singles; templates marginalise the other attribute;
-    # the direction weights of "both_calibrated" are fitted on labelled train singles
+
+def classify_shapes(mm: MultimodalModel, quick: bool) -> dict:
+    """Shape task and colour task on eval singles; templates marginalise the other attribute; the
+    direction weights of "both_calibrated" are fitted on labelled train singles."""
     sdocs = [d for d in shapes_data.shapes_documents("eval", 600 if not quick else 200, seed=0) if d.meta["kind"] == "single"]
     cdocs = [d for d in shapes_data.shapes_documents("train", 300 if not quick else 90, seed=0) if d.meta["kind"] == "single"]
     sres = {}
@@ -286,8 +289,7 @@ def classification(mm: MultimodalModel, quick: bool, retriever_dir: Path | None,
             f"accuracy_{mode}": float((ll.argmax(-1) == yy).double().mean())
             for mode, ll in (("image", c.image_loglik), ("text", c.text_loglik), ("both", c.loglik),
                              ("both_calibrated", combine_directions(c.image_loglik, c.text_loglik, weights)))}
-    out["shapes"] = sres
-    return out
+    return sres
 
 
 def robustness(mm: MultimodalModel, quick: bool, retriever_dir: Path | None) -> list[dict]:
@@ -362,7 +364,7 @@ def main() -> None:
     out = Path(args.out or Path(args.ckpt) / "eval")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    parts = set(args.parts.split(","))
+    parts = {q for part in args.parts.split(",") for q in ALIASES.get(part, (part,))}
     if not parts <= set(PARTS):
         raise SystemExit(f"--parts: unknown part(s) {sorted(parts - set(PARTS))}; choose from {','.join(PARTS)}")
     previous = out / "eval.json"
@@ -408,9 +410,11 @@ def main() -> None:
                 print(f"captioning{how}: shapes attribute accuracy {report['captioning'][f'shapes{how}']['attribute_accuracy']:.3f}, "
                       f"digits {report['captioning'][f'digits{how}']['accuracy']:.3f}")
     retriever = Path(args.retriever) if args.retriever else None
-    if "classification" in parts:
-        report.setdefault("classification", {}).update(classification(mm, args.quick, retriever, out))
-        print("classification digits: " + json.dumps({k: v for k, v in report["classification"]["digits"].items()}))
+    if "digits-classification" in parts:
+        report.setdefault("classification", {})["digits"] = classify_digits(mm, args.quick, retriever, out)
+        print("classification digits: " + json.dumps(report["classification"]["digits"]))
+    if "shapes-classification" in parts:
+        report.setdefault("classification", {})["shapes"] = classify_shapes(mm, args.quick)
         print("classification shapes: " + json.dumps(report["classification"]["shapes"]))
     if "robustness" in parts:
         report.setdefault("classification", {})["robustness_digits"] = robustness(mm, args.quick, retriever)
