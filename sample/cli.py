@@ -267,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--images", nargs="+", required=True, help="image files")
     c.add_argument("--prior", default=None, help="comma-separated prior probabilities, one per label")
     c.add_argument("--mode", default="both", choices=["both", "image", "text"],
-                   help="both: p(x|c)·p(caption|x) (best); image: p(x|c) alone; text: p(caption|x)")
+                   help="both: p(x|c)·p(caption|x) weighted by --weights (the best default over the measured tasks); "
+                        "image: p(x|c) alone; text: p(caption|x) (best on digits)")
     c.add_argument("--weights", default="1,1", metavar="IMAGE,TEXT",
                    help="mode both: weights of log p(x|c) and log p(caption|x) before they are added "
                         "(1,1 = the plain product; --calibrate fits them)")
