@@ -28,6 +28,7 @@ import argparse
 import json
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,14 @@ CALIBRATION_PER_DIGIT = 10  # labelled training digits per class for the directi
 ROBUST_VIEWS = 5  # fewer views under corruption: 8 corruptions × views would cost most of the eval
 DIGIT_TEMPLATES = ["a handwritten digit {}", "the digit {}, written by hand", "a scan of a handwritten {}",
                    "a handwritten {}"]
+
+
+@contextmanager
+def timed(report: dict, part: str):
+    """Record the part's wall-clock seconds in report["seconds_by_part"]."""
+    t = time.time()
+    yield
+    report.setdefault("seconds_by_part", {})[part] = round(time.time() - t, 1)
 
 
 def batched(items, n):
@@ -379,46 +388,51 @@ def main() -> None:
     holdout = [d for d in shapes_data.shapes_documents("eval", 4000, seed=args.seed + 2)
                if d.meta["kind"] == "single" and d.meta.get("holdout")][: (16 if args.quick else 48)]
     if "t2i" in parts:
-        t2i = {}
-        hows = [How(1.0), How(3.0)]
-        if mm.can_retrieve:  # the retriever re-ranks 4 or 8 candidates per caption (issue 5: optional re-ranking)
-            hows += [How(3.0, rerank=4), How(3.0, rerank=8)]
-        if mm.trained_with_retrieval:  # and, for a model trained with it, retrieval on as well as off
-            hows += [How(1.0, retrieve=True), How(3.0, retrieve=True)]
-        for how in hows:
-            res, imgs = text_to_image_shapes(mm, singles + holdout, how, args.seed)
-            t2i[f"shapes_{how.name}"] = res
-            image_grid([imgs[i : i + 16] for i in range(0, min(len(imgs), 64), 16)], scale=2).save(out / f"t2i_shapes_{how.name}.png")
-            res_d, dimgs = text_to_image_digits(mm, judge, 4 if args.quick else 10, how, args.seed)
-            t2i[f"digits_{how.name}"] = res_d
-            image_grid([dimgs[i : i + 10] for i in range(0, min(len(dimgs), 40), 10)], scale=2).save(out / f"t2i_digits_{how.name}.png")
-            print(f"text→image {how.name}: shapes colour+shape {res['colour_and_shape']:.3f} "
-                  f"(hold-out {res['holdout_colour_and_shape']}), digits judged right {res_d['judged_right']:.3f}")
-        report["text_to_image"] = t2i
+        with timed(report, "t2i"):
+            t2i = {}
+            hows = [How(1.0), How(3.0)]
+            if mm.can_retrieve:  # the retriever re-ranks 4 or 8 candidates per caption (issue 5: optional re-ranking)
+                hows += [How(3.0, rerank=4), How(3.0, rerank=8)]
+            if mm.trained_with_retrieval:  # and, for a model trained with it, retrieval on as well as off
+                hows += [How(1.0, retrieve=True), How(3.0, retrieve=True)]
+            for how in hows:
+                res, imgs = text_to_image_shapes(mm, singles + holdout, how, args.seed)
+                t2i[f"shapes_{how.name}"] = res
+                image_grid([imgs[i : i + 16] for i in range(0, min(len(imgs), 64), 16)], scale=2).save(out / f"t2i_shapes_{how.name}.png")
+                res_d, dimgs = text_to_image_digits(mm, judge, 4 if args.quick else 10, how, args.seed)
+                t2i[f"digits_{how.name}"] = res_d
+                image_grid([dimgs[i : i + 10] for i in range(0, min(len(dimgs), 40), 10)], scale=2).save(out / f"t2i_digits_{how.name}.png")
+                print(f"text→image {how.name}: shapes colour+shape {res['colour_and_shape']:.3f} "
+                      f"(hold-out {res['holdout_colour_and_shape']}), digits judged right {res_d['judged_right']:.3f}")
+            report["text_to_image"] = t2i
     if "captioning" in parts:
-        cap_docs = singles[: (32 if args.quick else 120)]
-        digit_docs = digits_data.digits_documents("eval")[:: (6 if args.quick else 2)]
-        report["captioning"] = {"shapes": captions_shapes(mm, cap_docs), "digits": captions_digits(mm, digit_docs)}
-        if mm.can_retrieve:  # the retriever re-ranks 8 sampled captions per image (as it re-ranks images)
-            report["captioning"]["shapes_rerank8"] = captions_shapes(mm, cap_docs, rerank=8)
-            report["captioning"]["digits_rerank8"] = captions_digits(mm, digit_docs, rerank=8)
-        if mm.trained_with_retrieval:
-            report["captioning"]["shapes_retrieval"] = captions_shapes(mm, cap_docs, retrieve=True)
-            report["captioning"]["digits_retrieval"] = captions_digits(mm, digit_docs, retrieve=True)
-        for how in ("", "_rerank8"):
-            if f"shapes{how}" in report["captioning"]:
-                print(f"captioning{how}: shapes attribute accuracy {report['captioning'][f'shapes{how}']['attribute_accuracy']:.3f}, "
-                      f"digits {report['captioning'][f'digits{how}']['accuracy']:.3f}")
+        with timed(report, "captioning"):
+            cap_docs = singles[: (32 if args.quick else 120)]
+            digit_docs = digits_data.digits_documents("eval")[:: (6 if args.quick else 2)]
+            report["captioning"] = {"shapes": captions_shapes(mm, cap_docs), "digits": captions_digits(mm, digit_docs)}
+            if mm.can_retrieve:  # the retriever re-ranks 8 sampled captions per image (as it re-ranks images)
+                report["captioning"]["shapes_rerank8"] = captions_shapes(mm, cap_docs, rerank=8)
+                report["captioning"]["digits_rerank8"] = captions_digits(mm, digit_docs, rerank=8)
+            if mm.trained_with_retrieval:
+                report["captioning"]["shapes_retrieval"] = captions_shapes(mm, cap_docs, retrieve=True)
+                report["captioning"]["digits_retrieval"] = captions_digits(mm, digit_docs, retrieve=True)
+            for how in ("", "_rerank8"):
+                if f"shapes{how}" in report["captioning"]:
+                    print(f"captioning{how}: shapes attribute accuracy {report['captioning'][f'shapes{how}']['attribute_accuracy']:.3f}, "
+                          f"digits {report['captioning'][f'digits{how}']['accuracy']:.3f}")
     retriever = Path(args.retriever) if args.retriever else None
     if "digits-classification" in parts:
-        report.setdefault("classification", {})["digits"] = classify_digits(mm, args.quick, retriever, out)
-        print("classification digits: " + json.dumps(report["classification"]["digits"]))
+        with timed(report, "digits-classification"):
+            report.setdefault("classification", {})["digits"] = classify_digits(mm, args.quick, retriever, out)
+            print("classification digits: " + json.dumps(report["classification"]["digits"]))
     if "shapes-classification" in parts:
-        report.setdefault("classification", {})["shapes"] = classify_shapes(mm, args.quick)
-        print("classification shapes: " + json.dumps(report["classification"]["shapes"]))
+        with timed(report, "shapes-classification"):
+            report.setdefault("classification", {})["shapes"] = classify_shapes(mm, args.quick)
+            print("classification shapes: " + json.dumps(report["classification"]["shapes"]))
     if "robustness" in parts:
-        report.setdefault("classification", {})["robustness_digits"] = robustness(mm, args.quick, retriever)
-        robustness_plot(report["classification"]["robustness_digits"], out / "robustness.png")
+        with timed(report, "robustness"):
+            report.setdefault("classification", {})["robustness_digits"] = robustness(mm, args.quick, retriever)
+            robustness_plot(report["classification"]["robustness_digits"], out / "robustness.png")
     report["seconds"] = round(time.time() - t0, 1)
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     merge_results("eval", {k: v for k, v in report.items() if k != "captioning"})

@@ -83,7 +83,9 @@ def main() -> None:
     if "eval" in r:
         e = r["eval"]
         t2i = e.get("text_to_image", {})
-        out += ["## What the default model does (`make eval`)", "", f"Checkpoint `{e.get('ckpt')}`; {e.get('seconds')} s.", "",
+        by_part = ", ".join(f"{k} {v:,.0f} s" for k, v in e.get("seconds_by_part", {}).items())
+        out += ["## What the default model does (`make eval`)", "",
+                f"Checkpoint `{e.get('ckpt')}`; " + (f"time per part: {by_part}." if by_part else f"{e.get('seconds')} s."), "",
                 "### Text→image", "",
                 table(["set", "colour+shape", "all attributes", "hold-out colour+shape", "digits judged right"],
                       [[k, v.get("colour_and_shape"), v.get("all_attributes"), v.get("holdout_colour_and_shape"), v.get("judged_right")]
