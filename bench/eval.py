@@ -231,7 +231,7 @@ def calibration_digits(quick: bool) -> list:
     """Labelled training digits (originals, CALIBRATION_PER_DIGIT of each) on which the direction
     weights of "both" are fitted: never the test split the accuracy is read on."""
     per = 3 if quick else CALIBRATION_PER_DIGIT
-    docs = [d for d in digits_data.digits_documents("train")]
+    docs = digits_data.digits_documents("train")
     return [next(d for k, d in enumerate(docs) if d.meta["label"] == digit and k >= j * len(docs) // per)
             for j in range(per) for digit in range(10)]
 
@@ -291,8 +291,8 @@ def classify_shapes(mm: MultimodalModel, quick: bool) -> dict:
         # one view: the shapes tasks have many templates, and whole-pixel shifts carry no news
         # about a colour or a shape drawn on a coarse grid
         c = classify(mm.model, mm.tokenizer, [d.images[0] for d in sdocs], labels, templates, mode="both")
-        yy, cal_yy = ([labels.index(d.meta["images"][0][0][key]) for d in docs] for docs in (sdocs, cdocs))
-        yy = torch.tensor(yy)
+        yy = torch.tensor([labels.index(d.meta["images"][0][0][key]) for d in sdocs])
+        cal_yy = [labels.index(d.meta["images"][0][0][key]) for d in cdocs]
         weights, _ = calibrate_directions(mm.model, mm.tokenizer, [d.images[0] for d in cdocs], cal_yy, labels, templates)
         sres[task] = {"n": len(sdocs), "calibration_images": len(cdocs), "weights": [round(w, 4) for w in weights]} | {
             f"accuracy_{mode}": float((ll.argmax(-1) == yy).double().mean())

@@ -71,6 +71,15 @@ def expected_calibration_error(probs: Tensor, labels: Tensor, bins: int = 15) ->
     return ece
 
 
+def check_weights(weights: tuple[float, float]) -> tuple[float, float]:
+    """The (image, text) weights of "both" as floats; ValueError unless both are non-negative and
+    not both zero."""
+    a, b = (float(w) for w in weights)
+    if a < 0 or b < 0 or a + b == 0:
+        raise ValueError(f"direction weights must be non-negative and not both zero, got {tuple(weights)!r}")
+    return a, b
+
+
 def combine_directions(image_ll: Tensor, text_ll: Tensor, weights: tuple[float, float] = (1.0, 1.0)) -> Tensor:
     """The "both" score: weights[0]·log p(x | c) + weights[1]·log p(caption_c | x), (N, C) each.
 
@@ -78,9 +87,7 @@ def combine_directions(image_ll: Tensor, text_ll: Tensor, weights: tuple[float, 
     before the product (temperature scaling per expert, Guo et al. 2017); `fit_direction_weights`
     chooses them on labelled images.
     """
-    a, b = (float(w) for w in weights)
-    if a < 0 or b < 0 or a + b == 0:
-        raise ValueError(f"direction weights must be non-negative and not both zero, got {weights!r}")
+    a, b = check_weights(weights)
     return a * image_ll + b * text_ll
 
 

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from model.precision import bf16_pays
 from model.transformer import CacheState, Transformer
-from sample.bayes import check_prior, combine_directions, ensemble_templates, fit_direction_weights, posterior
+from sample.bayes import check_prior, check_weights, combine_directions, ensemble_templates, fit_direction_weights, posterior
 from sample.generate import left_pad
 from tokenizers_mm import special
 from tokenizers_mm.multimodal import MultimodalTokenizer
@@ -233,7 +233,7 @@ def classify(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequenc
     if not isinstance(views, int) or not 1 <= views <= MAX_VIEWS:
         raise ValueError(f"views must be an integer between 1 and {MAX_VIEWS}, got {views!r}")
     p = check_prior(prior, len(labels))
-    combine_directions(torch.zeros(1, 1), torch.zeros(1, 1), weights)  # refuse bad weights before the work
+    weights = check_weights(weights)  # refuse bad weights before the work
     if views > 1:
         if isinstance(images, Tensor):
             raise ValueError("views > 1 needs the images themselves (PIL), not precomputed codes")

@@ -153,14 +153,13 @@ def parse_prior(spec: str | None, num_labels: int) -> list[float] | None:
 
 
 def parse_weights(text: str) -> tuple[float, float]:
-    """--weights IMAGE,TEXT: two non-negative numbers, not both zero."""
+    """--weights IMAGE,TEXT: two non-negative numbers, not both zero (sample.bayes.check_weights)."""
+    from sample.bayes import check_weights
     try:
         a, b = (float(v) for v in text.split(","))
     except ValueError:
         raise ValueError(f"--weights takes two comma-separated numbers IMAGE,TEXT such as 0.2,1; got {text!r}") from None
-    if a < 0 or b < 0 or a + b == 0:
-        raise ValueError(f"--weights must be non-negative and not both zero; got {text!r}")
-    return a, b
+    return check_weights((a, b))
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -193,7 +192,7 @@ def read_labelled_folder(folder: str, labels: list[str], size: int) -> tuple[lis
 
 def cmd_classify(args: argparse.Namespace) -> int:
     from sample.api import MultimodalModel
-    from sample.bayes import check_prior
+    from sample.bayes import check_prior, combine_directions
     from sample.classify import MAX_VIEWS, calibrate_directions, check_labels, classify
 
     labels = read_labels(args.labels)
@@ -216,7 +215,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
         print(f"calibrated on {len(examples)} labelled images: --weights {weights[0]:.4g},{weights[1]:.4g} "
               f"(accuracy on them: image {_accuracy(scored.image_loglik, truth):.3f}, text "
               f"{_accuracy(scored.text_loglik, truth):.3f}, both weighted "
-              f"{_accuracy(weights[0] * scored.image_loglik + weights[1] * scored.text_loglik, truth):.3f})", file=sys.stderr)
+              f"{_accuracy(combine_directions(scored.image_loglik, scored.text_loglik, weights), truth):.3f})", file=sys.stderr)
     out = classify(mm.model, mm.tokenizer, images, labels, templates, prior=prior, mode=args.mode, views=args.views,
                    weights=weights)
     for i, path in enumerate(args.images):
