@@ -58,6 +58,9 @@ class SamplingConfig:
         return self.guidance != 1.0 or self.strategy == "cdk"
 
 
+_TEXT, _TEXT_NO_ROOM, _DRAWING, _CLOSING = range(4)  # decoding states, see generate_ids
+
+
 def left_pad(rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad id lists to one length -> ids (B, T) and key_valid (B, T) bool."""
     T = max(len(r) for r in rows)
@@ -109,9 +112,18 @@ def generate_ids(model: Transformer, tokenizer: MultimodalTokenizer, prompts: Se
     key_valid[:, :T0] = valid.to(device)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     n_img = tokenizer.image_tokens
-    image_pos = torch.tensor([image_state(p, n_img) for p in prompts], dtype=torch.long)
-    done = torch.zeros(B, dtype=torch.bool)
-    images_done = torch.zeros(B, dtype=torch.long)
+    # What a row may draw depends only on its state in Chameleon's decoding state machine: in
+    # text with room left for a whole image, in text without it, drawing codes, owing <eoi>.
+    # One (4, V) table from allowed_tokens, indexed by the rows' states at every step; the row
+    # bookkeeping is plain Python (per-element tensor reads and writes cost more than the math).
+    table = L.allowed_tokens(torch.tensor([-1, -1, 0, n_img]), torch.tensor([n_img + 2, 0, 1, 1]),
+                             text_vocab_size=tokenizer.text_vocab_size, vocab_size=model.config.vocab_size,
+                             image_tokens=n_img, allow_text=allow_text, allow_image=allow_image)
+    table[:, tokenizer.vocab_size:] = False
+    forced = [int(r.nonzero()[0]) if int(r.sum()) == 1 else None for r in table]  # e.g. <eoi> after the codes
+    image_pos = [image_state(p, n_img) for p in prompts]  # -1 in text, else codes drawn so far
+    done = [False] * B
+    images_done = [0] * B
     out: list[list[int]] = [[] for _ in range(B)]
     history = [list(p) for p in prompts]
 
@@ -120,36 +132,35 @@ def generate_ids(model: Transformer, tokenizer: MultimodalTokenizer, prompts: Se
     for t in range(max_new_tokens):
         logits = logits.float().cpu()
         cond = logits[:B]
-        in_image = image_pos >= 0
+        room_for_image = max_new_tokens - t >= n_img + 2
+        state = [(_TEXT if room_for_image else _TEXT_NO_ROOM) if p < 0 else _DRAWING if p < n_img else _CLOSING
+                 for p in image_pos]
+        imaging = [s >= _DRAWING for s in state]
+        in_image = torch.tensor(imaging)
+        mask = table[torch.tensor(state)]
         if guided:
             if sampling.strategy == "cdk":
                 guided_lp = L.cd_k(cond, logits[B:], sampling.cdk_k)
             else:
                 guided_lp = L.classifier_free_guidance(cond, logits[B:], sampling.guidance)
             cond = torch.where(in_image[:, None], guided_lp, cond.log_softmax(-1))
-        room = torch.full((B,), max_new_tokens - t, dtype=torch.long)
-        mask = L.allowed_tokens(image_pos, room, text_vocab_size=tokenizer.text_vocab_size,
-                                vocab_size=model.config.vocab_size, image_tokens=n_img,
-                                allow_text=allow_text, allow_image=allow_image)
-        mask[:, tokenizer.vocab_size:] = False
-        active = ~done
         tok = torch.full((B,), special.PAD_ID, dtype=torch.long)
         # each modality's filters run only when some live row needs them (inside an image, the
         # text filters would be discarded: most steps of text→image decoding)
-        if bool((active & ~in_image).any()):
+        if any(not d and not i for d, i in zip(done, imaging)):
             text_logits = L.repetition_penalty(cond, _history_tensor(history), sampling.repetition_penalty) \
                 if penalise else cond
             text_logits = L.top_p_filter(L.top_k_filter(L.apply_mask(text_logits, mask), sampling.top_k), sampling.top_p)
             tok = L.sample_token(text_logits, sampling.temperature, generator)
-        if bool((active & in_image).any()):
+        if any(not d and i for d, i in zip(done, imaging)):
             image_logits = L.top_k_filter(L.apply_mask(cond, mask), sampling.image_top_k)
             tok = torch.where(in_image, L.sample_token(image_logits, sampling.image_temperature, generator), tok)
-        forced = mask.sum(-1) == 1  # e.g. <eoi> after the last code
-        tok = torch.where(forced, mask.float().argmax(-1), tok)
-        tok = torch.where(done, torch.full_like(tok, special.PAD_ID), tok)
-        for r, v in enumerate(tok.tolist()):
+        drawn = tok.tolist()
+        for r in range(B):
             if done[r]:
+                drawn[r] = special.PAD_ID
                 continue
+            v = drawn[r] = drawn[r] if forced[state[r]] is None else forced[state[r]]
             out[r].append(v)
             if penalise:
                 history[r].append(v)
@@ -166,9 +177,9 @@ def generate_ids(model: Transformer, tokenizer: MultimodalTokenizer, prompts: Se
                 image_pos[r] += 1
             elif v == special.EOS_ID:
                 done[r] = True
-        if bool(done.all()) or t == max_new_tokens - 1:
+        if all(done) or t == max_new_tokens - 1:
             break
-        step_ids = torch.cat([tok, tok[:B]]) if guided else tok  # the guidance stream follows the draws
+        step_ids = torch.tensor(drawn + drawn if guided else drawn)  # the guidance stream follows the draws
         pos = torch.tensor([T0 + t], device=device)
         logits = model.step(step_ids[:, None].to(device), pos, key_valid)[:, -1]
     model.clear_caches()

@@ -85,6 +85,21 @@ def test_random_draws_under_the_mask_never_violate_the_constraints():
             assert all(TEXT_V <= c < V for c in seq[i + 1 : i + 1 + N]) and seq[i + 1 + N] == special.EOI_ID
 
 
+def test_sampled_tokens_follow_the_distribution_and_never_take_masked_ones():
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.15, 0.05, 0.0])
+    n = 20_000
+    draws = L.sample_token(p.log().expand(n, -1), 1.0, g)
+    freq = torch.bincount(draws, minlength=len(p)).double() / n
+    assert freq[p == 0].sum() == 0
+    sigma = (p * (1 - p) / n).sqrt().double()
+    assert ((freq - p.double()).abs() <= 4 * sigma + 1e-12).all(), freq
+    # temperature: T=0.5 squares the probabilities before renormalising
+    p2 = p.double() ** 2 / (p.double() ** 2).sum()
+    freq2 = torch.bincount(L.sample_token(p.log().expand(n, -1), 0.5, g), minlength=len(p)).double() / n
+    assert ((freq2 - p2).abs() <= 4 * (p2 * (1 - p2) / n).sqrt() + 1e-12).all(), freq2
+
+
 def test_greedy_sampling_takes_the_argmax():
     x = torch.randn(4, V)
     assert torch.equal(L.sample_token(x, 0.0, None), x.argmax(-1))
