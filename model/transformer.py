@@ -401,7 +401,8 @@ class Transformer(nn.Module):
             raise ValueError("no KV cache: call model.setup_caches(max_batch_size, max_seq_len) first")
         return self._cache_shape
 
-    def forward_cached(self, idx: Tensor, input_pos: Tensor, key_valid: Tensor | None = None) -> Tensor:
+    def forward_cached(self, idx: Tensor, input_pos: Tensor, key_valid: Tensor | None = None, *,
+                       float32_head: bool = False) -> Tensor:
         """Cached decoding step (prefill when T > 1, one token when T == 1).
 
         idx: (B, T) long, B <= max_batch_size; input_pos: (T,) long positions of these tokens, the
@@ -413,6 +414,9 @@ class Transformer(nn.Module):
         key_valid: optional (B, >= kv_len) bool, False for cache positions no query may see (the
           left padding of prompts of different lengths batched together). With rotary positions
           only relative distances enter attention, so a left-padded row attends as it would alone.
+        float32_head: compute the output head in float32 even under bf16 autocast. For scoring
+          (sample/classify.py): the head is ~4% of the FLOPs, and on the default model it halves
+          the bf16 error of a 64-code image log-likelihood (mean |Δ| vs float32 0.108 → 0.059 nats).
         """
         max_batch, max_len = self._require_caches()
         B, T = idx.shape
@@ -434,6 +438,9 @@ class Transformer(nn.Module):
         x = self.tok_emb(idx)
         for layer in self.layers:
             x = layer.forward_cached(x, cos, sin, input_pos, mask, kv_len)
+        if float32_head:
+            with torch.autocast(x.device.type, enabled=False):
+                return F.linear(self.norm(x.float()), self.head.weight.float())
         return self.head(self.norm(x))
 
     def decode_step(self, idx: Tensor, input_pos: Tensor, key_valid: Tensor) -> Tensor:

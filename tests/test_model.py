@@ -89,6 +89,21 @@ def test_bf16_cache_under_autocast_decodes_close_to_the_full_forward():
     torch.testing.assert_close(cached, full, atol=0.1, rtol=0.05)
 
 
+def test_float32_head_brings_autocast_logits_closer_to_float32():
+    model = make_model()
+    idx = torch.randint(0, VOCAB, (4, 24))
+    with torch.no_grad():
+        model.setup_caches(4, 24)
+        exact = model.forward_cached(idx, torch.arange(24))
+        same = model.forward_cached(idx, torch.arange(24), float32_head=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model.forward_cached(idx, torch.arange(24)).float()
+            head32 = model.forward_cached(idx, torch.arange(24), float32_head=True)
+    torch.testing.assert_close(same, exact, atol=1e-5, rtol=0)  # no autocast: the same logits
+    assert head32.dtype == torch.float32
+    assert (head32 - exact).abs().mean() < (bf16 - exact).abs().mean()
+
+
 def test_left_padded_prompt_decodes_as_it_would_alone():
     model = make_model()
     short, long = torch.randint(0, VOCAB, (1, 5)), torch.randint(0, VOCAB, (1, 9))
