@@ -4,8 +4,10 @@ per-class, per-image loop of full forward passes, on the same model and the same
     .venv/bin/python bench/bench_classify.py [--ckpt runs/default] [--images 40]
 
 Both paths score log p(x | c) for 10 digit classes with one template; the batched path is timed
-in float32 (identical to the naive loop) and in bf16 autocast, and with adaptive pruning. Agreement
-of predictions with the naive loop is reported next to the speed.
+in float32 (identical to the naive loop) and in bf16 autocast, and with adaptive pruning, each
+eager and with the scoring forward compiled (`Transformer.compile_scoring`; its warm-up time,
+mostly compilation, is reported apart). Agreement of predictions with the naive loop is reported
+next to the speed.
 """
 from __future__ import annotations
 
@@ -44,13 +46,22 @@ def main() -> None:
     t = time.perf_counter()
     naive = naive_scores(model, tok, codes, captions, "image")
     rows["naive loop fp32"] = (time.perf_counter() - t, naive)
-    for name, kw in (("batched+cached fp32", dict(bf16=False)), ("batched+cached bf16", dict(bf16=True)),
-                     ("batched+cached fp32, pruned (16 codes, keep 3)", dict(bf16=False, prune_after=16, keep=3)),
-                     ("batched+cached bf16, pruned (16 codes, keep 3)", dict(bf16=True, prune_after=16, keep=3))):
-        image_loglik(model, tok, codes[:2], captions, **kw)  # warm-up
-        t = time.perf_counter()
-        scores = image_loglik(model, tok, codes, captions, **kw)
-        rows[name] = (time.perf_counter() - t, scores)
+    compile_s = {}
+    for compiled in (False, True):
+        if compiled:
+            model.compile_scoring()  # Inductor, dynamic shapes: compiled in the warm-up calls below
+        sfx = ", compiled" if compiled else ""
+        for name, kw in (("batched+cached fp32", dict(bf16=False)), ("batched+cached bf16", dict(bf16=True)),
+                         ("batched+cached fp32, pruned (16 codes, keep 3)", dict(bf16=False, prune_after=16, keep=3)),
+                         ("batched+cached bf16, pruned (16 codes, keep 3)", dict(bf16=True, prune_after=16, keep=3))):
+            t = time.perf_counter()
+            image_loglik(model, tok, codes[:2], captions, **kw)  # warm-up (compilation, when compiled)
+            if compiled:
+                compile_s[name + sfx] = time.perf_counter() - t
+            t = time.perf_counter()
+            scores = image_loglik(model, tok, codes, captions, **kw)
+            rows[name + sfx] = (time.perf_counter() - t, scores)
+    model.compile_scoring(False)
     base = rows["naive loop fp32"][0]
     out = []
     print(f"{len(docs)} digits test images × 10 classes, model from {source}")
@@ -60,7 +71,8 @@ def main() -> None:
         row = {"path": name, "seconds": secs, "images_per_s": len(docs) / secs, "speedup": base / secs,
                "accuracy": float((pred == labels).double().mean()),
                "agreement_with_naive": float((pred == naive.argmax(-1)).double().mean()),
-               "max_abs_diff_vs_naive": float((scores - naive)[torch.isfinite(scores)].abs().max())}
+               "max_abs_diff_vs_naive": float((scores - naive)[torch.isfinite(scores)].abs().max()),
+               "warmup_s": compile_s.get(name)}
         out.append(row)
         print(f"{name:48s} {row['images_per_s']:9.2f} {row['speedup']:8.1f}x {row['accuracy']:9.3f} {row['agreement_with_naive']:16.3f}")
     merge_results("classify", {"images": len(docs), "classes": 10, "rows": out})

@@ -421,6 +421,8 @@ def main() -> None:
                     print(f"captioning{how}: shapes attribute accuracy {report['captioning'][f'shapes{how}']['attribute_accuracy']:.3f}, "
                           f"digits {report['captioning'][f'digits{how}']['accuracy']:.3f}")
     retriever = Path(args.retriever) if args.retriever else None
+    if parts & {"digits-classification", "shapes-classification", "robustness"}:
+        mm.model.compile_scoring()  # thousands of images: compilation (~1 min) pays (Transformer.compile_scoring)
     if "digits-classification" in parts:
         with timed(report, "digits-classification"):
             report.setdefault("classification", {})["digits"] = classify_digits(mm, args.quick, retriever, out)

@@ -313,6 +313,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self._cache_shape: tuple[int, int] | None = None  # (max_batch_size, max_seq_len) once set up
         self._compiled_step: Callable[..., Tensor] | None = None  # see compile_decoding()
+        self._compiled_scoring: Callable[..., Tensor] | None = None  # see compile_scoring()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -418,6 +419,10 @@ class Transformer(nn.Module):
           (sample/classify.py): the head is ~4% of the FLOPs, and on the default model it halves
           the bf16 error of a 64-code image log-likelihood (mean |Δ| vs float32 0.108 → 0.059 nats).
         """
+        return self._cached(idx, input_pos, key_valid, self._check_cached(idx, input_pos, key_valid), float32_head)
+
+    def _check_cached(self, idx: Tensor, input_pos: Tensor, key_valid: Tensor | None) -> int:
+        """Validate a forward_cached call; returns kv_len (one host sync)."""
         max_batch, max_len = self._require_caches()
         B, T = idx.shape
         if B > max_batch:
@@ -428,11 +433,16 @@ class Transformer(nn.Module):
         kv_len = int(input_pos.max()) + 1
         if kv_len > max_len:
             raise ValueError(f"position {kv_len - 1} is beyond the cache's max_seq_len={max_len}")
+        if key_valid is not None and (key_valid.shape[0] != B or key_valid.shape[1] < kv_len):
+            raise ValueError(f"key_valid must be (B={B}, >= {kv_len}), got {tuple(key_valid.shape)}")
+        return kv_len
+
+    def _cached(self, idx: Tensor, input_pos: Tensor, key_valid: Tensor | None, kv_len: int,
+                float32_head: bool) -> Tensor:
+        """The body of forward_cached after its checks and host sync (what compile_scoring compiles)."""
         # bottom-right aligned causal mask: query at position p sees cached keys 0..p
         mask = torch.arange(kv_len, device=idx.device)[None, :] <= input_pos[:, None]  # (T, kv_len)
         if key_valid is not None:
-            if key_valid.shape[0] != B or key_valid.shape[1] < kv_len:
-                raise ValueError(f"key_valid must be (B={B}, >= {kv_len}), got {tuple(key_valid.shape)}")
             mask = mask[None, None] & key_valid[:, None, None, :kv_len]  # (B, 1, T, kv_len)
         cos, sin = self._rope(input_pos.unsqueeze(0))
         x = self.tok_emb(idx)
@@ -482,6 +492,25 @@ class Transformer(nn.Module):
         """The decoding step the samplers call: `decode_step`, compiled if `compile_decoding()` ran."""
         fn = self._compiled_step or self.decode_step
         return fn(idx, input_pos, key_valid)
+
+    def compile_scoring(self, enable: bool = True) -> None:
+        """Use a `torch.compile`d `forward_cached` in `score_forward` (sample/classify.py).
+
+        Scoring pushes many rows of many tokens through the cache at once; in eager mode the
+        norms, rotary embedding, SwiGLU and bf16 casts around the matrix products took ~60% of
+        the time (profile, default model, AMX Xeon). Compiled with dynamic shapes, one graph per
+        precision serves every (rows, length): 120 digits × 10 classes, log p(x|c), bf16
+        autocast: 3.4 s eager → 1.9 s, after ~50 s of compilation (same run). Worth it for
+        hundreds of images (evaluations, benchmarks, a server), not for a few from the CLI.
+        The weights are read at every call (no freezing), so loading new ones needs no recompile.
+        """
+        self._compiled_scoring = torch.compile(self._cached, dynamic=True) if enable else None
+
+    def score_forward(self, idx: Tensor, input_pos: Tensor, key_valid: Tensor | None = None, *,
+                      float32_head: bool = False) -> Tensor:
+        """`forward_cached` for scoring: compiled if `compile_scoring()` ran."""
+        kv_len = self._check_cached(idx, input_pos, key_valid)  # eager: its host sync would break the graph
+        return (self._compiled_scoring or self._cached)(idx, input_pos, key_valid, kv_len, float32_head)
 
     def cache_state(self, batch_size: int, length: int) -> CacheState:
         """Copy rows [:batch_size], positions [:length] of every layer's cache (e.g. after a prefill)."""

@@ -88,7 +88,7 @@ def _prefill(model: Transformer, prompts: list[list[int]], max_batch: int, extra
     key_valid = torch.ones(P, Lp + extra, dtype=torch.bool)
     key_valid[:, :Lp] = valid
     with _autocast(bf16):
-        last = model.forward_cached(ids, torch.arange(Lp), key_valid=key_valid, float32_head=True)[:, -1]
+        last = model.score_forward(ids, torch.arange(Lp), key_valid=key_valid, float32_head=True)[:, -1]
     return model.cache_state(P, Lp), last, key_valid
 
 
@@ -105,8 +105,8 @@ def _continue_logp(model: Transformer, state: CacheState, first_logits: Tensor, 
     lp_first = first_logits[rows].log_softmax(-1).gather(-1, safe[:, :1])  # (R, 1)
     if L > 1:
         with _autocast(bf16):
-            logits = model.forward_cached(safe[:, :-1], torch.arange(Lp, Lp + L - 1), key_valid=key_valid[rows],
-                                           float32_head=True)
+            logits = model.score_forward(safe[:, :-1], torch.arange(Lp, Lp + L - 1), key_valid=key_valid[rows],
+                                         float32_head=True)
         lp_rest = logits.log_softmax(-1).gather(-1, safe[:, 1:, None]).squeeze(-1)
         lp = torch.cat([lp_first, lp_rest], dim=1)
     else:

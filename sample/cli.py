@@ -206,6 +206,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if not args.images:
         raise ValueError("no --images given")
     mm = MultimodalModel.from_pretrained(args.ckpt)
+    if args.compile:
+        mm.model.compile_scoring()
     images = [load_image(p, mm.tokenizer.image_size) for p in args.images]
     if not 1 <= args.views <= MAX_VIEWS:
         raise ValueError(f"--views must be between 1 and {MAX_VIEWS}, got {args.views}")
@@ -278,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score each image also shifted by whole pixels and average over the views "
                         f"(1 = the image alone; up to 25; time grows with views; default {DEFAULT_VIEWS})")
     c.add_argument("--json", action="store_true", help="one JSON object per image")
+    c.add_argument("--compile", action="store_true",
+                   help="torch.compile the scoring forward (about a minute once, then ~1.8x faster under bf16): "
+                        "pays off for hundreds of images, not for a few")
     c.set_defaults(func=cmd_classify)
     return p
 

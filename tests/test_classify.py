@@ -114,6 +114,21 @@ def test_cached_batched_text_scores_equal_the_naive_loop(model, tiny_tokenizer, 
     assert torch.allclose(fast, slow, atol=1e-3)
 
 
+def test_compiled_scoring_equals_the_naive_loop_in_both_directions(tiny_tokenizer, codes):
+    torch.manual_seed(0)
+    m = Transformer(preset("tiny", vocab_size=tiny_tokenizer.vocab_size, block_size=128)).eval()
+    m.compile_scoring()
+    try:
+        # two chunk sizes: dynamic shapes serve both without a second graph being wrong
+        for rows in (7, 30):
+            fast = image_loglik(m, tiny_tokenizer, codes, CAPTIONS, bf16=False, batch_rows=rows)
+            assert torch.allclose(fast, naive_scores(m, tiny_tokenizer, codes, CAPTIONS, "image"), atol=1e-3)
+        fast = text_loglik(m, tiny_tokenizer, codes, CAPTIONS, bf16=False, batch_rows=7)
+        assert torch.allclose(fast, naive_scores(m, tiny_tokenizer, codes, CAPTIONS, "text"), atol=1e-3)
+    finally:
+        m.compile_scoring(False)
+
+
 def test_pruning_keeps_the_exact_scores_of_the_kept_classes(model, tiny_tokenizer, codes):
     full = image_loglik(model, tiny_tokenizer, codes, CAPTIONS, bf16=False)
     pruned = image_loglik(model, tiny_tokenizer, codes, CAPTIONS, bf16=False, prune_after=8, keep=2)
