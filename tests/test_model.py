@@ -104,6 +104,21 @@ def test_float32_head_brings_autocast_logits_closer_to_float32():
     assert (head32 - exact).abs().mean() < (bf16 - exact).abs().mean()
 
 
+def test_under_autocast_a_bf16_cache_gives_the_logits_of_a_float32_cache():
+    # attention casts keys and values to bf16 under CPU autocast, so storing them in bf16 loses
+    # nothing (sample/classify.py relies on it)
+    model = make_model()
+    idx = torch.randint(0, VOCAB, (3, 16))
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model.setup_caches(3, 16, dtype=dtype)
+            first = model.forward_cached(idx[:, :10], torch.arange(10), float32_head=True)
+            rest = model.forward_cached(idx[:, 10:], torch.arange(10, 16), float32_head=True)
+        out[dtype] = torch.cat([first, rest], dim=1)
+    torch.testing.assert_close(out[torch.bfloat16], out[torch.float32], atol=0, rtol=0)
+
+
 def test_left_padded_prompt_decodes_as_it_would_alone():
     model = make_model()
     short, long = torch.randint(0, VOCAB, (1, 5)), torch.randint(0, VOCAB, (1, 9))
