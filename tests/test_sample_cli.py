@@ -84,6 +84,15 @@ def test_classify_prints_one_json_object_per_image_with_a_normalised_posterior(t
         assert row["prediction"] == max(row["posterior"], key=row["posterior"].get)
 
 
+def test_classify_compiled_gives_the_eager_posteriors(tiny_run, images):
+    args = ("classify", "--ckpt", str(tiny_run), "--labels", "red,green,blue", "--template", "a {} circle",
+            "--images", str(images / "red.png"), str(images / "odd.png"), "--views", "2", "--json")
+    eager, compiled = run(*args), run(*args, "--compile", timeout=400)
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr
+    for e, c in zip(eager.stdout.splitlines(), compiled.stdout.splitlines()):
+        assert json.loads(c)["posterior"] == pytest.approx(json.loads(e)["posterior"], abs=2e-3)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--labels", "one"], "only one label"), (["--labels", "a,b,a"], "duplicate"),
     (["--labels", "a,b", "--template", "no slot"], "has no {}"), (["--labels", "a,b", "--prior", "0.5"], "1 values"),
