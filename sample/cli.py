@@ -292,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
+            # torch's own deprecation notices (e.g. from inside torch.compile) are nothing a user can act on
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
             return args.func(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
