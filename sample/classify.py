@@ -219,7 +219,7 @@ def text_loglik(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequ
     return result
 
 
-def classify(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequence[Image.Image] | Tensor,
+def classify(model: Transformer | Sequence[Transformer], tokenizer: MultimodalTokenizer, images: Sequence[Image.Image] | Tensor,
              labels: Sequence[str], templates: Sequence[str] = ("{}",), *, prior: Sequence[float] | Tensor | None = None,
              mode: Mode = "both", views: int = 1, bf16: bool | None = None, prune_after: int | None = None,
              keep: int = 3, weights: tuple[float, float] = (1.0, 1.0)) -> Classification:
@@ -230,11 +230,22 @@ def classify(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequenc
     p(caption_c|x), "both" adds the two log-scores, weighted by `weights` = (image, text).
     views: score each PIL image also shifted by whole pixels and average each log-score over the
     views (module docstring; V× the time).
+    model: one model, or several trained on this same tokenizer (for example the same recipe with
+    different seeds): each direction's log-score is averaged over the models, a product of experts
+    whose errors are largely particular to each run (README: four runs lift digits p(x|c) from
+    56% to 78%). M models cost M× the time.
     prior: None (uniform) or C probabilities. bf16: autocast; None = where bf16 is native (AMX,
     AVX512-BF16), float32 elsewhere.
     """
     labels = list(labels)
     check_labels(labels, templates)
+    models = [model] if isinstance(model, Transformer) else list(model)
+    if not models:
+        raise ValueError("classify needs at least one model")
+    for m in models:
+        if m.config.vocab_size != tokenizer.vocab_size:
+            raise ValueError(f"a model's vocabulary ({m.config.vocab_size}) differs from the tokenizer's "
+                             f"({tokenizer.vocab_size}): every model must be trained on this tokenizer")
     if mode not in ("image", "text", "both"):
         raise ValueError(f"mode must be 'image', 'text' or 'both', got {mode!r}")
     if not isinstance(views, int) or not 1 <= views <= MAX_VIEWS:
@@ -254,16 +265,17 @@ def classify(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequenc
 
     img_ll = txt_ll = None
     if mode in ("image", "both"):
-        img_ll = combine([image_loglik(model, tokenizer, codes, [t.format(l) for l in labels], bf16=bf16,
-                                       prune_after=prune_after, keep=keep) for t in templates])
+        img_ll = torch.stack([combine([image_loglik(m, tokenizer, codes, [t.format(l) for l in labels], bf16=bf16,
+                                                    prune_after=prune_after, keep=keep) for t in templates])
+                              for m in models]).mean(0)
     if mode in ("text", "both"):
-        txt_ll = combine([text_loglik(model, tokenizer, codes, [t.format(l) for l in labels], bf16=bf16)
-                          for t in templates])
+        txt_ll = torch.stack([combine([text_loglik(m, tokenizer, codes, [t.format(l) for l in labels], bf16=bf16)
+                                       for t in templates]) for m in models]).mean(0)
     score = img_ll if txt_ll is None else txt_ll if img_ll is None else combine_directions(img_ll, txt_ll, weights)
     return Classification(labels, posterior(score, p), score, img_ll, txt_ll, mode, views)
 
 
-def calibrate_directions(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequence[Image.Image],
+def calibrate_directions(model: Transformer | Sequence[Transformer], tokenizer: MultimodalTokenizer, images: Sequence[Image.Image],
                          truth: Sequence[int], labels: Sequence[str], templates: Sequence[str] = ("{}",), *,
                          views: int = 1, bf16: bool | None = None) -> tuple[tuple[float, float], Classification]:
     """Direction weights (image, text) for "both", fitted on labelled images of the task

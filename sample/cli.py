@@ -205,20 +205,27 @@ def cmd_classify(args: argparse.Namespace) -> int:
         raise ValueError("--calibrate fits the weights of --mode both; drop --mode or set it to both")
     if not args.images:
         raise ValueError("no --images given")
-    mm = MultimodalModel.from_pretrained(args.ckpt)
+    loaded = [MultimodalModel.from_pretrained(path) for path in args.ckpt]
+    mm = loaded[0]
+    for path, other in zip(args.ckpt[1:], loaded[1:]):
+        if not other.tokenizer.same_as(mm.tokenizer):
+            raise ValueError(f"{path} was trained on another tokenizer than {args.ckpt[0]}: checkpoints scored "
+                             "together must come from one `make tokenize` output")
+    models = [m.model for m in loaded]
     if args.compile:
-        mm.model.compile_scoring()
+        for m in models:
+            m.compile_scoring()
     images = [load_image(p, mm.tokenizer.image_size) for p in args.images]
     if not 1 <= args.views <= MAX_VIEWS:
         raise ValueError(f"--views must be between 1 and {MAX_VIEWS}, got {args.views}")
     if args.calibrate:
         examples, truth = read_labelled_folder(args.calibrate, labels, mm.tokenizer.image_size)
-        weights, scored = calibrate_directions(mm.model, mm.tokenizer, examples, truth, labels, templates, views=args.views)
+        weights, scored = calibrate_directions(models, mm.tokenizer, examples, truth, labels, templates, views=args.views)
         print(f"calibrated on {len(examples)} labelled images: --weights {weights[0]:.4g},{weights[1]:.4g} "
               f"(accuracy on them: image {_accuracy(scored.image_loglik, truth):.3f}, text "
               f"{_accuracy(scored.text_loglik, truth):.3f}, both weighted "
               f"{_accuracy(combine_directions(scored.image_loglik, scored.text_loglik, weights), truth):.3f})", file=sys.stderr)
-    out = classify(mm.model, mm.tokenizer, images, labels, templates, prior=prior, mode=args.mode, views=args.views,
+    out = classify(models, mm.tokenizer, images, labels, templates, prior=prior, mode=args.mode, views=args.views,
                    weights=weights)
     for i, path in enumerate(args.images):
         post = {l: round(float(p), 6) for l, p in zip(labels, out.posterior[i])}
@@ -262,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("classify", help="zero-shot classification by Bayes' rule")
-    c.add_argument("--ckpt", default="runs/default", help="a run folder or a checkpoint folder")
+    c.add_argument("--ckpt", nargs="+", default=["runs/default"],
+                   help="a run folder or a checkpoint folder; several (trained on one tokenizer, e.g. other seeds) "
+                        "average their scores, M times the time")
     c.add_argument("--labels", required=True, help="comma-separated labels, or @file (one per line)")
     c.add_argument("--template", action="append", help="prompt template with {} (repeatable; ensembled)")
     c.add_argument("--images", nargs="+", required=True, help="image files")

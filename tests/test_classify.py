@@ -197,3 +197,20 @@ def test_views_average_each_direction_over_the_shifted_images(model, tiny_tokeni
         classify(model, tiny_tokenizer, images, labels, templates, views=0)
     with pytest.raises(ValueError, match="needs the images themselves"):
         classify(model, tiny_tokenizer, tiny_tokenizer.encode_images(images), labels, templates, views=2)
+
+
+def test_several_models_average_each_direction_over_the_models(model, tiny_tokenizer, codes):
+    torch.manual_seed(1)
+    other = Transformer(preset("tiny", vocab_size=tiny_tokenizer.vocab_size, block_size=128)).eval()
+    labels, templates = ["one", "two", "three"], ["a handwritten digit {}", "the number {}"]
+    single = [classify(m, tiny_tokenizer, codes, labels, templates, mode="both", bf16=False) for m in (model, other)]
+    both = classify([model, other], tiny_tokenizer, codes, labels, templates, mode="both", bf16=False)
+    assert torch.allclose(both.image_loglik, (single[0].image_loglik + single[1].image_loglik) / 2, atol=1e-4)
+    assert torch.allclose(both.text_loglik, (single[0].text_loglik + single[1].text_loglik) / 2, atol=1e-4)
+    assert not torch.allclose(single[0].image_loglik, single[1].image_loglik, atol=1e-2)  # two different experts
+    assert torch.allclose(both.posterior.sum(-1), torch.ones(len(codes), dtype=torch.float64))
+    wrong = Transformer(preset("tiny", vocab_size=tiny_tokenizer.vocab_size + 1, block_size=128)).eval()
+    with pytest.raises(ValueError, match="every model must be trained on this tokenizer"):
+        classify([model, wrong], tiny_tokenizer, codes, labels, templates)
+    with pytest.raises(ValueError, match="at least one model"):
+        classify([], tiny_tokenizer, codes, labels, templates)

@@ -155,3 +155,24 @@ def test_generate_rerank_keeps_n_samples_of_images_and_of_captions(tiny_run, ima
     r = run("generate", "--ckpt", str(tiny_run), "--prompt", "a red circle", "--next", "text", "--rerank", "2",
             "--max-new-tokens", "4", "--out", str(tmp_path / "t"))
     assert r.returncode == 2 and "--image" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_classify_averages_several_checkpoints_of_one_tokenizer(tiny_run, images, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    args = ("classify", "--labels", "red,green,blue", "--template", "a {} circle", "--images",
+            str(images / "red.png"), "--views", "1", "--json")
+    one = run(*args, "--ckpt", str(tiny_run))
+    two = run(*args, "--ckpt", str(tiny_run), str(tiny_run))
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    # the same checkpoint twice: the average of two equal scores is the score
+    assert json.loads(two.stdout)["loglik"] == pytest.approx(json.loads(one.stdout)["loglik"], abs=1e-3)
+    # a copy whose VQ-VAE weights differ: same vocabulary, other image codes, refused
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run / (tiny_run / "latest").read_text().strip(), other)
+    vq = load_file(other / "tokenizer" / "vq.safetensors")
+    save_file({k: v + 0.5 if v.is_floating_point() else v for k, v in vq.items()}, other / "tokenizer" / "vq.safetensors")
+    r = run(*args, "--ckpt", str(tiny_run), str(other))
+    assert r.returncode == 2 and "trained on another tokenizer" in r.stderr and "Traceback" not in r.stderr

@@ -67,6 +67,14 @@ class MultimodalTokenizer:
         self.grid: int = vq.config.grid  # an image is grid×grid codes
         self.image_tokens: int = self.grid * self.grid  # codes per image, without boi/eoi
 
+    def same_as(self, other: "MultimodalTokenizer") -> bool:
+        """Whether `other` maps text and images to the very same ids: the same BPE, layout and VQ
+        weights (models trained on one `make tokenize` output share it; a retokenized one does not)."""
+        if self.layout != other.layout or self.text.to_str() != other.text.to_str():
+            return False
+        a, b = self.vq.state_dict(), other.vq.state_dict()
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
     # --- vocabulary ---------------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
