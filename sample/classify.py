@@ -242,9 +242,9 @@ def classify(model: Transformer | Sequence[Transformer], tokenizer: MultimodalTo
     models = [model] if isinstance(model, Transformer) else list(model)
     if not models:
         raise ValueError("classify needs at least one model")
-    for m in models:
-        if m.config.vocab_size != tokenizer.vocab_size:
-            raise ValueError(f"a model's vocabulary ({m.config.vocab_size}) differs from the tokenizer's "
+    for m in models:  # the rule load_pretrained applies: the model covers every id of the tokenizer
+        if m.config.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"a model's vocabulary ({m.config.vocab_size}) is smaller than the tokenizer's "
                              f"({tokenizer.vocab_size}): every model must be trained on this tokenizer")
     if mode not in ("image", "text", "both"):
         raise ValueError(f"mode must be 'image', 'text' or 'both', got {mode!r}")
@@ -263,14 +263,12 @@ def classify(model: Transformer | Sequence[Transformer], tokenizer: MultimodalTo
     def combine(per_template: list[Tensor]) -> Tensor:  # T × (V·N, C) -> (N, C)
         return ensemble_templates(torch.stack(per_template)).view(views, n, -1).mean(0)
 
-    img_ll = txt_ll = None
-    if mode in ("image", "both"):
-        img_ll = torch.stack([combine([image_loglik(m, tokenizer, codes, [t.format(l) for l in labels], bf16=bf16,
-                                                    prune_after=prune_after, keep=keep) for t in templates])
-                              for m in models]).mean(0)
-    if mode in ("text", "both"):
-        txt_ll = torch.stack([combine([text_loglik(m, tokenizer, codes, [t.format(l) for l in labels], bf16=bf16)
-                                       for t in templates]) for m in models]).mean(0)
+    def direction(loglik, **kw) -> Tensor:  # one direction's (N, C) log-score, averaged over the models
+        return torch.stack([combine([loglik(m, tokenizer, codes, [t.format(l) for l in labels], bf16=bf16, **kw)
+                                     for t in templates]) for m in models]).mean(0)
+
+    img_ll = direction(image_loglik, prune_after=prune_after, keep=keep) if mode in ("image", "both") else None
+    txt_ll = direction(text_loglik) if mode in ("text", "both") else None
     score = img_ll if txt_ll is None else txt_ll if img_ll is None else combine_directions(img_ll, txt_ll, weights)
     return Classification(labels, posterior(score, p), score, img_ll, txt_ll, mode, views)
 

@@ -209,7 +209,7 @@ def test_several_models_average_each_direction_over_the_models(model, tiny_token
     assert torch.allclose(both.text_loglik, (single[0].text_loglik + single[1].text_loglik) / 2, atol=1e-4)
     assert not torch.allclose(single[0].image_loglik, single[1].image_loglik, atol=1e-2)  # two different experts
     assert torch.allclose(both.posterior.sum(-1), torch.ones(len(codes), dtype=torch.float64))
-    wrong = Transformer(preset("tiny", vocab_size=tiny_tokenizer.vocab_size + 1, block_size=128)).eval()
+    wrong = Transformer(preset("tiny", vocab_size=tiny_tokenizer.vocab_size - 1, block_size=128)).eval()
     with pytest.raises(ValueError, match="every model must be trained on this tokenizer"):
         classify([model, wrong], tiny_tokenizer, codes, labels, templates)
     with pytest.raises(ValueError, match="at least one model"):
