@@ -28,7 +28,8 @@ import torch
 
 import common  # noqa: F401,E402  (puts the project on sys.path)
 from common import merge_results  # noqa: E402
-from model import ModelConfig, Transformer, lm_loss, num_params, preset  # noqa: E402
+from model import ModelConfig, Transformer, lm_loss, num_params, positions_from_doc_ids, preset  # noqa: E402
+from model.transformer import masked_attention  # noqa: E402
 from model.precision import bf16_pays  # noqa: E402
 
 
@@ -41,6 +42,7 @@ class Variant:
     warmup: int = 1
     times: list[float] = field(default_factory=list)
     error: str | None = None
+    tokens: int | None = None  # tokens per step when not the shared shape (the trainer-shape rows)
 
 
 def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -51,14 +53,20 @@ def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
         return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
 
-def ours(config: ModelConfig, idx: torch.Tensor, targets: torch.Tensor, *, bf16: bool, compile: bool) -> Callable[[], float]:
+def ours(config: ModelConfig, idx: torch.Tensor, targets: torch.Tensor, *, bf16: bool, compile: bool,
+         doc_ids: torch.Tensor | None = None, masked_attention: bool = True) -> Callable[[], float]:
+    """Our training step; doc_ids: packed rows as the trainer feeds them (block-diagonal mask,
+    positions restarting per document); masked_attention: False forces SDPA for packed rows."""
     torch.manual_seed(0)
     model = Transformer(config).train()
+    for layer in model.layers:
+        layer.attn.cpu_masked_attention = masked_attention
     opt = make_optimizer(model)
+    positions = positions_from_doc_ids(doc_ids) if doc_ids is not None else None
 
     def forward_loss(idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(idx)
+            logits = model(idx, doc_ids=doc_ids, positions=positions)
         return lm_loss(logits, targets, z_loss=config.z_loss).loss
 
     fn = torch.compile(forward_loss) if compile else forward_loss
@@ -167,6 +175,8 @@ def attention_paths(batch: int, n_head: int, head_dim: int, seqs: tuple[int, ...
                                            batch, None, seq, seq, device="cpu")
             flex = torch.compile(flex_attention)
             paths["flex_attention compiled"] = lambda: flex(q, k, v, block_mask=block_mask)
+            masked = torch.compile(masked_attention)
+            paths["masked_attention compiled (ours, CPU training)"] = lambda: masked(q, k, v, bool_mask)
         except Exception as e:  # older torch
             rows.append({"seq": seq, "path": "flex_attention compiled", "error": str(e).splitlines()[0][:160]})
         times: dict[str, list[float]] = {}
@@ -190,6 +200,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=1015, help="the default tokenizer's vocabulary (503 BPE + 512 codes)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--packed-seq", type=int, default=512,
+                        help="the trainer's row length for the packed-rows comparison (0 skips it)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -215,6 +227,16 @@ def main() -> None:
         variants.append(Variant(f"ours {prec} compile", ours(config, idx, targets, bf16=bf16, compile=True), warmup=2))
     if bf16:  # the float32 reference
         variants.append(Variant("ours fp32 eager", ours(config, idx, targets, bf16=False, compile=False)))
+    if args.packed_seq and not args.no_compile:
+        # the trainer's own shape: rows of packed documents (~80 tokens, as a caption and its 64
+        # codes), compiled, our hand-written masked attention against SDPA with a boolean mask
+        pg = torch.Generator().manual_seed(1)
+        p_idx = torch.randint(0, args.vocab, (args.batch, args.packed_seq), generator=pg)
+        p_docs = torch.cumsum((torch.rand(args.batch, args.packed_seq, generator=pg) < 1 / 80).long(), dim=1)
+        for masked in (True, False):
+            name = f"ours {prec} compile, packed rows of {args.packed_seq}, " + ("masked_attention" if masked else "SDPA")
+            variants.append(Variant(name, ours(config, p_idx, p_idx, bf16=bf16, compile=True, doc_ids=p_docs,
+                                               masked_attention=masked), warmup=2, tokens=args.batch * args.packed_seq))
     if not args.no_hf:
         try:
             import transformers  # noqa: F401
@@ -256,21 +278,21 @@ def main() -> None:
             rows.append({"name": v.name, "error": v.error})
             continue
         step_s = statistics.median(v.times)
-        rows.append({"name": v.name, "step_s": step_s, "tokens_per_s": tokens / step_s,
-                     "min_step_s": min(v.times), "steps": len(v.times)})
-    ok = [r for r in rows if "error" not in r]
+        rows.append({"name": v.name, "step_s": step_s, "tokens_per_s": (v.tokens or tokens) / step_s,
+                     "min_step_s": min(v.times), "steps": len(v.times), "shared_shape": v.tokens is None})
+    ok = [r for r in rows if "error" not in r and r["shared_shape"]]
     ours_best = max((r for r in ok if r["name"].startswith("ours")), key=lambda r: r["tokens_per_s"])
     hf_rows = [r for r in ok if r["name"].startswith("HF")]
     hf_best = max(hf_rows, key=lambda r: r["tokens_per_s"]) if hf_rows else None
     mfu = flops / ours_best["step_s"] / rate
 
-    print(f"\n{'variant':30s} {'step ms':>9s} {'tokens/s':>10s} {'vs HF best':>11s}")
+    print(f"\n{'variant':62s} {'step ms':>9s} {'tokens/s':>10s} {'vs HF best':>11s}")
     for r in rows:
         if "error" in r:
-            print(f"{r['name']:30s} {'failed':>9s}  {r['error']}")
+            print(f"{r['name']:62s} {'failed':>9s}  {r['error']}")
             continue
-        ratio = f"{r['tokens_per_s'] / hf_best['tokens_per_s']:.2f}x" if hf_best else "-"
-        print(f"{r['name']:30s} {r['step_s'] * 1e3:9.0f} {r['tokens_per_s']:10.0f} {ratio:>11s}")
+        ratio = f"{r['tokens_per_s'] / hf_best['tokens_per_s']:.2f}x" if hf_best and r["shared_shape"] else "-"
+        print(f"{r['name']:62s} {r['step_s'] * 1e3:9.0f} {r['tokens_per_s']:10.0f} {ratio:>11s}")
     print(f"\nattention paths, one layer fwd+bwd {prec}, batch {args.batch}, {config.n_head} heads of {config.head_dim}:")
     for a in attention_rows:
         print(f"  T={a['seq']:4d} {a['path']:34s} " + (f"{a['fwd_bwd_ms']:7.1f} ms" if "error" not in a else a["error"]))

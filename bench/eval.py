@@ -128,7 +128,7 @@ def generate_batch(mm: MultimodalModel, captions, how: How, seed: int) -> list[I
     from sample.generate import generate_images
 
     if not how.retrieve and how.rerank == 1:
-        return generate_images(mm.model, mm.tokenizer, captions, sampling=SamplingConfig(guidance=how.guidance), seed=seed)
+        return generate_images(mm.decoder, mm.tokenizer, captions, sampling=SamplingConfig(guidance=how.guidance), seed=seed)
     return [mm.text_to_image(c, guidance=how.guidance, seed=seed * 1000 + j, rerank=how.rerank, retrieve=how.retrieve)[0]
             for j, c in enumerate(captions)]
 

@@ -10,6 +10,7 @@ Blocks: RMSNorm, rotary position embeddings with explicit per-token positions, a
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
@@ -84,6 +85,54 @@ def packing_mask(doc_ids: Tensor) -> Tensor:
     return (same_doc & causal)[:, None]
 
 
+class _MaskedAttention(torch.autograd.Function):
+    """softmax(q·kᵀ/√d masked)·v with a hand-written backward: the CPU training path of packed rows.
+
+    Why (bench/bench_train.py, the trainer's shape: batch 16 × 512 tokens of packed documents, bf16
+    autocast, torch.compile, 2-core AMD EPYC): a whole training step takes 1,872 ms with it against
+    2,114 ms with SDPA's CPU flash kernel and a boolean mask. At these lengths the T×T scores fit in
+    memory, so four batched matrix products (two forward, and dq, dk, dv from the saved
+    probabilities) beat the tiled kernel, which recomputes them. The probabilities are kept in the
+    inputs' dtype (bf16 under autocast: B·H·T² · 2 bytes a layer, 32 MiB here); the softmax and its
+    gradient are computed in float32. GPUs keep SDPA (memory-efficient kernels, longer contexts).
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        scale = q.shape[-1] ** -0.5
+        scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale).masked_fill_(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        out = torch.matmul(probs, v)
+        ctx.save_for_backward(q, k, v, probs, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+        q, k, v, probs, out = ctx.saved_tensors
+        scale = q.shape[-1] ** -0.5
+        grad_out = grad_out.to(q.dtype)
+        grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
+        grad_probs = torch.matmul(grad_out, v.transpose(-1, -2)).float()
+        # softmax backward: dS = P ⊙ (dP − rowsum(dP ⊙ P)), and rowsum(dP ⊙ P) = rowsum(dO ⊙ O)
+        row = (grad_out.float() * out.float()).sum(-1, keepdim=True)
+        grad_scores = (probs.float() * (grad_probs - row) * scale).to(q.dtype)
+        return torch.matmul(grad_scores, k), torch.matmul(grad_scores.transpose(-1, -2), q), grad_v, None
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """q, k, v (B, H, T, hd), mask (B or 1, 1, T, T) bool, True = may attend -> (B, H, T, hd).
+
+    Equals `F.scaled_dot_product_attention(q, k, v, attn_mask=mask)` up to rounding (tests), for
+    rows where every query sees at least one key. Under autocast the inputs are cast to its dtype,
+    as SDPA's are.
+    """
+    device = q.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    return _MaskedAttention.apply(q, k, v, mask)
+
+
 class KVCache(nn.Module):
     """Keys and values of one attention layer for cached decoding, gpt-fast style.
 
@@ -141,6 +190,9 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.resid_drop = nn.Dropout(config.dropout)
         self.kv_cache: KVCache | None = None
+        # packed rows trained on the CPU take masked_attention (see _MaskedAttention); False: always
+        # SDPA (bench/bench_train.py compares the two)
+        self.cpu_masked_attention = True
 
     def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x: (B, T, dim) -> q (B, n_head, T, hd), k and v (B, n_kv_head, T, hd)."""
@@ -157,8 +209,12 @@ class Attention(nn.Module):
         if self.n_kv_head != self.n_head:  # grouped-query: each kv head serves n_head/n_kv_head queries
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if (self.cpu_masked_attention and mask is not None and q.device.type == "cpu" and q.requires_grad
+                and dropout == 0.0):
+            y = masked_attention(q, k, v, mask)  # CPU training of packed rows (see _MaskedAttention)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout)
         B, H, T, hd = y.shape
         return y.transpose(1, 2).reshape(B, T, H * hd)
 
@@ -487,6 +543,24 @@ class Transformer(nn.Module):
         """
         options = {"freezing": True} if freeze else None
         self._compiled_step = torch.compile(self.decode_step, dynamic=False, options=options) if enable else None
+
+    def decoding_copy(self, dtype: torch.dtype) -> "Transformer":
+        """A copy of this model with its weights stored in `dtype`, for sampling (sample/api.py).
+
+        One-token decoding reads every weight at every step, so on a CPU it is bound by how many
+        bytes the weights take: a bf16 copy halves them. bench/bench_sample.py, default preset, 2-core
+        AMD EPYC with AVX512-BF16, compiled decode step: 4.1 → 2.2 ms at batch 1 and 7.4 → 5.5 ms at
+        batch 16 against float32 weights, where bf16 autocast over float32 weights (casting them at
+        every step) was slower than float32. The rotary tables stay float32 (bf16 would blur the
+        angles of far positions); the norms compute in float32 anyway. Samplers use the copy's own
+        KV cache in its dtype. The copy is independent: it shares no tensor with this model.
+        """
+        twin = copy.deepcopy(self)
+        twin.clear_caches()
+        twin._compiled_step = twin._compiled_scoring = None
+        twin.to(dtype)
+        twin.rope_cos, twin.rope_sin = self.rope_cos.clone(), self.rope_sin.clone()
+        return twin.eval()
 
     def step(self, idx: Tensor, input_pos: Tensor, key_valid: Tensor) -> Tensor:
         """The decoding step the samplers call: `decode_step`, compiled if `compile_decoding()` ran."""

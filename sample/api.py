@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from model.checkpoint import RETRIEVER_DIR, load_pretrained
+from model.precision import bf16_pays
 from model.retrieval import RetrievalBank
 from model.transformer import Transformer
 from sample.generate import SamplingConfig, generate_ids, image_state
@@ -59,28 +60,40 @@ class MultimodalModel:
     """A trained model and its tokenizer, ready to sample."""
 
     def __init__(self, model: Transformer, tokenizer: MultimodalTokenizer, bank: RetrievalBank | None = None,
-                 trained_with_retrieval: bool = False, retrieval_k: int = 2) -> None:
+                 trained_with_retrieval: bool = False, retrieval_k: int = 2,
+                 decoding_dtype: torch.dtype = torch.float32) -> None:
         if trained_with_retrieval and bank is None:
             raise ValueError("a model trained with retrieval needs its retrieval bank (model.retrieval.RetrievalBank)")
         self.model = model.eval()
+        # what the samplers run: the model itself, or a copy with weights in decoding_dtype (bf16 halves
+        # the bytes each decoding step reads: Transformer.decoding_copy); scoring keeps self.model
+        same = decoding_dtype == model.tok_emb.weight.dtype
+        self.decoder = self.model if same else model.decoding_copy(decoding_dtype)
         self.tokenizer = tokenizer
         self.bank = bank
         self.trained_with_retrieval = trained_with_retrieval
         self.retrieval_k = max(1, retrieval_k)  # default k: the most neighbours the model saw in training
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu",
-                        compile_decoding: bool = False) -> "MultimodalModel":
+    def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", compile_decoding: bool = False,
+                        precision: Literal["auto", "fp32", "bf16"] = "auto") -> "MultimodalModel":
         """Load a model folder or a run folder's newest checkpoint (see model/checkpoint.py), with
         its retrieval bank when the folder has one. compile_decoding: `torch.compile` the one-token
-        decoding step (slow first call per batch shape, faster after: see Transformer.compile_decoding)."""
+        decoding step (slow first call per batch shape, faster after: see Transformer.compile_decoding).
+        precision: the weights sampling decodes with; "auto" is bf16 where the hardware multiplies it
+        natively (model.precision.bf16_pays), else float32. Scoring (classification) always reads the
+        float32 weights."""
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
         loaded = load_pretrained(path, device=device)
-        if compile_decoding:
-            loaded.model.compile_decoding()
+        bf16 = bf16_pays(device) if precision == "auto" else precision == "bf16"
         folder = loaded.path / RETRIEVER_DIR
         bank = RetrievalBank.load(folder) if folder.is_dir() else None
-        return cls(loaded.model, loaded.tokenizer, bank, bool(loaded.info.get("trained_with_retrieval")),
-                   int(loaded.info.get("retrieval_k") or 2))
+        mm = cls(loaded.model, loaded.tokenizer, bank, bool(loaded.info.get("trained_with_retrieval")),
+                 int(loaded.info.get("retrieval_k") or 2), torch.bfloat16 if bf16 else torch.float32)
+        if compile_decoding:
+            mm.decoder.compile_decoding()
+        return mm
 
     @property
     def can_retrieve(self) -> bool:
@@ -201,7 +214,7 @@ class MultimodalModel:
                     on_image(row, tok.decode_images([codes])[0])
 
         new = generate_ids(
-            self.model, tok, [ids] * n, max_new_tokens=max_new_tokens, sampling=sampling,
+            self.decoder, tok, [ids] * n, max_new_tokens=max_new_tokens, sampling=sampling,
             uncond_prompts=[uncond] * n if sampling.needs_uncond else None,
             stop_after_images=1 if next == "image" else None, allow_image=next != "text",
             seed=seed, on_token=stream if (on_token or on_image) else None)

@@ -90,7 +90,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               repetition_penalty=args.repetition_penalty, image_temperature=args.image_temperature,
                               image_top_k=args.image_top_k, guidance=args.guidance, strategy=args.strategy)
-    mm = MultimodalModel.from_pretrained(args.ckpt, compile_decoding=args.compile)
+    mm = MultimodalModel.from_pretrained(args.ckpt, compile_decoding=args.compile, precision=args.precision)
     prompt = parse_prompt(args.prompt or "", args.image or [], mm.tokenizer.image_size)
     retrieve = {"auto": None, "on": True, "off": False}[args.retrieval]
     if args.rerank < 1 or args.n * args.rerank > 256:
@@ -264,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rerank", type=int, default=1, metavar="R",
                    help="draw R candidates per sample and keep the n the retriever scores closest to the prompt "
                         "(new images against its text, new text against its image)")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="weights to decode with (auto: bf16 where the CPU multiplies it natively, about 1.4-1.9x faster)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the decoding step: pays off for many samples, not for a few")
     g.set_defaults(func=cmd_generate)

@@ -107,7 +107,7 @@ def generate_ids(model: Transformer, tokenizer: MultimodalTokenizer, prompts: Se
         raise ValueError(f"prompt ({T0} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's "
                          f"context of {model.config.block_size} tokens")
     device = model.tok_emb.weight.device
-    model.setup_caches(len(rows), total, dtype=torch.float32)
+    model.setup_caches(len(rows), total, dtype=model.tok_emb.weight.dtype)  # float32, or a decoding_copy's dtype
     key_valid = torch.ones(len(rows), total, dtype=torch.bool, device=device)
     key_valid[:, :T0] = valid.to(device)
     generator = torch.Generator(device="cpu").manual_seed(seed)

@@ -112,3 +112,16 @@ def test_reranked_captions_are_the_best_scored_samples_in_order(tiny_run):
         mm.caption(image, rerank=2)
     with pytest.raises(ValueError, match="rerank"):
         mm.caption(image, rerank=0, temperature=1.0)
+
+
+def test_sampling_precision_picks_the_decoder_weights_and_scoring_keeps_float32(tiny_run):
+    from sample.api import MultimodalModel
+
+    fp32 = MultimodalModel.from_pretrained(tiny_run, precision="fp32")
+    bf16 = MultimodalModel.from_pretrained(tiny_run, precision="bf16")
+    assert fp32.decoder is fp32.model and fp32.model.tok_emb.weight.dtype == torch.float32
+    assert bf16.decoder.tok_emb.weight.dtype == torch.bfloat16 and bf16.model.tok_emb.weight.dtype == torch.float32
+    images = bf16.text_to_image("a small red circle in the top left", n=2, seed=0)
+    assert [im.size for im in images] == [(bf16.tokenizer.image_size,) * 2] * 2
+    with pytest.raises(ValueError, match="precision"):
+        MultimodalModel.from_pretrained(tiny_run, precision="fp16")

@@ -14,6 +14,7 @@ from model import (
     positions_from_doc_ids,
     preset,
 )
+from model.transformer import masked_attention, packing_mask
 from model.config import PRESET_PARAMS_AT_65536
 
 VOCAB = 300
@@ -87,6 +88,24 @@ def test_bf16_cache_under_autocast_decodes_close_to_the_full_forward():
     cached = torch.cat(steps, dim=1).float()
     assert (cached.argmax(-1) == full.argmax(-1)).float().mean() > 0.9
     torch.testing.assert_close(cached, full, atol=0.1, rtol=0.05)
+
+
+def test_bf16_decoding_copy_decodes_close_to_float32_and_leaves_the_model_alone():
+    model = make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    twin = model.decoding_copy(torch.bfloat16)
+    assert twin.tok_emb.weight.dtype == torch.bfloat16 and twin.rope_cos.dtype == torch.float32
+    assert all(torch.equal(v, model.state_dict()[k]) and v.dtype == torch.float32 for k, v in before.items())
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(model.parameters(), twin.parameters()))
+    idx = torch.randint(0, VOCAB, (3, 20))
+    with torch.no_grad():
+        full = model(idx)
+        twin.setup_caches(3, 20, dtype=torch.bfloat16)
+        steps = [twin.forward_cached(idx[:, :8], torch.arange(8))]
+        steps += [twin.forward_cached(idx[:, t:t + 1], torch.tensor([t])) for t in range(8, 20)]
+    cached = torch.cat(steps, dim=1).float()
+    assert (cached.argmax(-1) == full.argmax(-1)).float().mean() > 0.9
+    torch.testing.assert_close(cached, full, atol=0.15, rtol=0.05)
 
 
 def test_float32_head_brings_autocast_logits_closer_to_float32():
@@ -214,6 +233,52 @@ def test_a_packed_document_never_sees_the_previous_one():
     with torch.no_grad():
         a, b = model(idx, doc_ids=doc_ids), model(changed, doc_ids=doc_ids)
     torch.testing.assert_close(a[:, 5:], b[:, 5:], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_masked_attention_matches_sdpa_values_and_gradients(compiled):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 24, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = packing_mask(torch.tensor([[0] * 7 + [1] * 10 + [2] * 7, [0] * 24]))
+    grad = torch.randn(2, 3, 24, 8, dtype=torch.float64)
+    fn = torch.compile(masked_attention) if compiled else masked_attention
+    ours = torch.autograd.grad(fn(q, k, v, mask), (q, k, v), grad) + (fn(q, k, v, mask),)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    ref = torch.autograd.grad(ref, (q, k, v), grad) + (ref,)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b.to(a.dtype), atol=1e-5, rtol=1e-5)
+
+
+def test_masked_attention_under_autocast_computes_in_bf16_like_sdpa():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16, 8, requires_grad=True) for _ in range(3))
+    mask = packing_mask(torch.tensor([[0] * 9 + [1] * 7]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = masked_attention(q, k, v, mask)
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert ours.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), ref.float(), atol=2e-2, rtol=0)
+    ours.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
+
+
+def test_packed_training_forward_equals_inference_forward_and_never_crosses_documents():
+    # with gradients on, packed rows take masked_attention on the CPU; without, SDPA
+    model = make_model()
+    idx = torch.randint(0, VOCAB, (2, 12))
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7] * 2)
+    with torch.no_grad():
+        reference = model(idx, doc_ids=doc_ids)
+    emb = model.tok_emb.weight
+    logits = model(idx, doc_ids=doc_ids)
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
+    # the loss of document 1 has no gradient through document 0's tokens
+    hidden = {}
+    handle = model.tok_emb.register_forward_hook(lambda m, i, o: hidden.setdefault("x", o.retain_grad() or o))
+    model(idx, doc_ids=doc_ids)[:, 5:].sum().backward()
+    handle.remove()
+    assert hidden["x"].grad[:, :5].abs().max() == 0 and hidden["x"].grad[:, 5:].abs().max() > 0
+    assert emb.grad is not None
 
 
 # ---- loss ----------------------------------------------------------------------------------
