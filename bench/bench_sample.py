@@ -3,13 +3,13 @@ without a KV cache and against Hugging Face `LlamaForCausalLM.generate()` of the
 
 A benchmark, not a test. Each contender draws one image (grid² codes + <eoi>) per row after a
 short caption prompt, at batch 1 and batch 16, timed interleaved. Random weights (speed does not
-depend on them), float32 and bf16 autocast both tried for every contender; the best of each is
-compared. Two tasks: plain sampling, and text→image as the product draws it, with classifier-free
+depend on them); float32, bf16 autocast and weights stored in bf16 tried for every contender; the
+best of each is compared. Two tasks: plain sampling, and text→image as the product draws it, with classifier-free
 guidance (scale 3, the unconditional stream's prompt `<bos> <boi>`): ours batches both streams
 into one forward pass; transformers' `generate(guidance_scale=..., negative_prompt_ids=...)`, its
 documented way to guide a decoder-only model, runs the unconditional stream as a second forward.
 
-    .venv/bin/python bench/bench_sample.py [--ckpt runs/default]     # needs transformers (bench extra)
+    .venv/bin/python bench/bench_sample.py [--no-hf] [--no-compile]     # HF needs transformers (bench extra)
 """
 from __future__ import annotations
 
@@ -82,14 +82,14 @@ def compiled_copy(model: Transformer) -> Transformer:
 
 
 def hf_generate(model: Transformer, prompt: torch.Tensor, new: int, bf16: bool, compiled: bool = False,
-                frozen: bool = False, guidance: float = 1.0):
+                frozen: bool = False, guidance: float = 1.0, dtype: torch.dtype = torch.float32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     c = model.config
     hf = LlamaForCausalLM(LlamaConfig(
         vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_hidden, num_hidden_layers=c.n_layer,
         num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head, max_position_embeddings=c.block_size,
-        rms_norm_eps=c.norm_eps, rope_theta=c.rope_base, attn_implementation="sdpa")).eval()
+        rms_norm_eps=c.norm_eps, rope_theta=c.rope_base, attn_implementation="sdpa")).eval().to(dtype)
     if compiled:  # transformers' documented fast path: a static KV cache and a compiled forward
         hf.generation_config.cache_implementation = "static"
         # frozen: the same Inductor weight freezing our compile_decoding() uses, so that the
@@ -122,7 +122,12 @@ def main() -> None:
     torch._dynamo.config.accumulated_recompile_limit = 512
     torch.manual_seed(0)
     model = Transformer(preset(args.preset, vocab_size=args.vocab, block_size=max(128, args.grid ** 2 + 32))).eval()
-    compiled_model = None if args.no_compile else compiled_copy(model)
+    # three precisions for every contender: float32; bf16 autocast over float32 weights; weights stored
+    # in bf16 (ours: Transformer.decoding_copy, what sample/api.py decodes with where bf16 is native;
+    # transformers: the model cast with .to(bfloat16), its documented torch_dtype=bfloat16)
+    precisions = {"fp32": (False, torch.float32), "bf16": (True, torch.float32), "bf16 weights": (False, torch.bfloat16)}
+    weights = {torch.float32: model, torch.bfloat16: model.decoding_copy(torch.bfloat16)}
+    compiled = {} if args.no_compile else {dt: compiled_copy(m) for dt, m in weights.items()}
     text_vocab = args.vocab - 512
     new = args.grid * args.grid + 1
     rows, failures = [], {}
@@ -132,28 +137,27 @@ def main() -> None:
             prompt = torch.cat([torch.tensor([[special.BOS_ID]]), torch.randint(9, text_vocab, (1, 8)),
                                 torch.tensor([[special.BOI_ID]])], dim=1).repeat(batch, 1)
             fns = {}
-            for bf16 in (False, True):
-                tag = "bf16" if bf16 else "fp32"
-                fns[f"ours cached {tag}"] = ours_cached(model, prompt, new, text_vocab, bf16, guidance)
+            for tag, (bf16, dtype) in precisions.items():
+                fns[f"ours cached {tag}"] = ours_cached(weights[dtype], prompt, new, text_vocab, bf16, guidance)
                 if not args.no_compile:
-                    fns[f"ours cached compiled {tag}"] = ours_cached(compiled_model, prompt, new, text_vocab, bf16, guidance)
+                    fns[f"ours cached compiled {tag}"] = ours_cached(compiled[dtype], prompt, new, text_vocab, bf16, guidance)
                 if guidance == 1.0:  # the no-cache reference loop has no guidance stream
-                    fns[f"ours uncached {tag}"] = ours_uncached(model, prompt, new, text_vocab, bf16)
+                    fns[f"ours uncached {tag}"] = ours_uncached(weights[dtype], prompt, new, text_vocab, bf16)
                 if not args.no_hf:
-                    fns[f"HF generate {tag}"] = hf_generate(model, prompt, new, bf16, guidance=guidance)
+                    fns[f"HF generate {tag}"] = hf_generate(model, prompt, new, bf16, guidance=guidance, dtype=dtype)
                     if not args.no_compile:
                         fns[f"HF generate static compiled {tag}"] = hf_generate(model, prompt, new, bf16, compiled=True,
-                                                                                guidance=guidance)
+                                                                                guidance=guidance, dtype=dtype)
                         fns[f"HF generate static compiled frozen {tag}"] = hf_generate(
-                            model, prompt, new, bf16, compiled=True, frozen=True, guidance=guidance)
+                            model, prompt, new, bf16, compiled=True, frozen=True, guidance=guidance, dtype=dtype)
             fns = {name: fn for name, fn in fns.items() if _works(f"{task}, batch {batch}: {name}", fn, failures)}
             secs = interleaved(fns, args.rounds, warmup=0)  # _works already ran each once (compiling)
             for name, sec in secs.items():
                 rows.append({"task": task, "batch": batch, "name": name, "seconds": sec, "images_per_s": batch / sec,
                              "tokens_per_s": batch * new / sec})
-    print(f"\n{'task':12s} {'batch':>5} {'contender':36s} {'images/s':>9} {'tokens/s':>9}")
+    print(f"\n{'task':12s} {'batch':>5} {'contender':50s} {'images/s':>9} {'tokens/s':>9}")
     for r in rows:
-        print(f"{r['task']:12s} {r['batch']:5d} {r['name']:36s} {r['images_per_s']:9.2f} {r['tokens_per_s']:9.0f}")
+        print(f"{r['task']:12s} {r['batch']:5d} {r['name']:50s} {r['images_per_s']:9.2f} {r['tokens_per_s']:9.0f}")
     summary = {}
     for task in dict.fromkeys(r["task"] for r in rows):
         for batch in (1, 16):

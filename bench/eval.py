@@ -368,8 +368,10 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="weights sampling decodes with (MultimodalModel.from_pretrained); scoring reads float32")
     args = p.parse_args()
-    mm = MultimodalModel.from_pretrained(args.ckpt)
+    mm = MultimodalModel.from_pretrained(args.ckpt, precision=args.precision)
     out = Path(args.out or Path(args.ckpt) / "eval")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -380,6 +382,7 @@ def main() -> None:
     # a partial run updates the parts it ran in an earlier eval.json of the same checkpoint
     report: dict = json.loads(previous.read_text()) if parts != set(PARTS) and previous.exists() else {}
     report["ckpt"] = str(args.ckpt)
+    report["decoding_dtype"] = str(mm.decoder.tok_emb.weight.dtype).removeprefix("torch.")
 
     judge, judge_acc = digit_judge()
     report["digit_judge_accuracy_on_real_test"] = judge_acc

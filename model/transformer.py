@@ -119,6 +119,11 @@ class _MaskedAttention(torch.autograd.Function):
         return torch.matmul(grad_scores, k), torch.matmul(grad_scores.transpose(-1, -2), q), grad_v, None
 
 
+# beyond this many tokens a row's T×T probabilities (kept for the backward) grow too large: SDPA's
+# tiled kernel takes over
+MASKED_ATTENTION_MAX_LEN = 1024
+
+
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """q, k, v (B, H, T, hd), mask (B or 1, 1, T, T) bool, True = may attend -> (B, H, T, hd).
 
@@ -210,9 +215,12 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         dropout = self.dropout if self.training else 0.0
-        if (self.cpu_masked_attention and mask is not None and q.device.type == "cpu" and q.requires_grad
-                and dropout == 0.0):
-            y = masked_attention(q, k, v, mask)  # CPU training of packed rows (see _MaskedAttention)
+        T = q.shape[-2]
+        if (self.cpu_masked_attention and q.device.type == "cpu" and q.requires_grad and dropout == 0.0
+                and T <= MASKED_ATTENTION_MAX_LEN and (mask is not None or is_causal)):
+            if mask is None:  # one causal sequence per row
+                mask = torch.ones(T, k.shape[-2], dtype=torch.bool, device=q.device).tril()
+            y = masked_attention(q, k, v, mask)  # CPU training (see _MaskedAttention)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout)
         B, H, T, hd = y.shape
