@@ -61,7 +61,9 @@ def main() -> None:
         out += ["## Image generation (`bench/bench_sample.py`)", "", machine({**s["machine"], "time": s.get("time")}), "",
                 "Tasks: plain sampling, and sampling with classifier-free guidance (scale "
                 f"{s.get('guidance', 3):g}; ours batches the unconditional stream into the same forward pass, "
-                "transformers' `generate(guidance_scale=...)` runs it as a second one).", "",
+                "transformers' `generate(guidance_scale=...)` runs it as a second one). Precisions: fp32; bf16 = "
+                "bf16 autocast over float32 weights; bf16 weights = the weights stored in bf16 (ours: "
+                "`Transformer.decoding_copy`, what `MultimodalModel` decodes with where bf16 is native).", "",
                 table(["task", "batch", "contender", "images/s", "tokens/s"],
                       [[x.get("task", "plain"), x["batch"], x["name"], x["images_per_s"], x["tokens_per_s"]] for x in s["rows"]]), "",
                 table(["task, batch", "ours best", "× no KV cache", "HF best", "× HF's best (target 2)"],

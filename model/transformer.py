@@ -74,10 +74,11 @@ def packing_mask(doc_ids: Tensor) -> Tensor:
 
     doc_ids: (B, T) -> (B, 1, T, T) bool, True = may attend (the `attn_mask` of SDPA).
 
-    Why SDPA with a boolean mask (bench/bench_train.py, bf16 fwd+bwd, B=16, 4 heads of 64, CPU):
-    it costs ~5% more than is_causal at T=256 and ~10% at T=512; an additive bf16 mask is within
-    noise of it; flex_attention has no CPU backward in torch 2.13; a hand-written masked softmax
-    attention under torch.compile was slower at T=512. Built once per forward, shared by all layers.
+    A boolean mask (bench/bench_train.py, bf16 fwd+bwd, B=16, 4 heads of 64, CPU): SDPA with it costs
+    about what is_causal does; an additive bf16 mask is within noise of it; flex_attention has no
+    CPU backward in torch 2.13; CPU training reads it in masked_attention, which computes the T×T
+    scores once and beats SDPA's tiled kernel at these lengths. Built once per forward, shared by
+    all layers.
     """
     T = doc_ids.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
@@ -86,15 +87,17 @@ def packing_mask(doc_ids: Tensor) -> Tensor:
 
 
 class _MaskedAttention(torch.autograd.Function):
-    """softmax(q·kᵀ/√d masked)·v with a hand-written backward: the CPU training path of packed rows.
+    """softmax(q·kᵀ/√d masked)·v with a hand-written backward: the CPU training path.
 
-    Why (bench/bench_train.py, the trainer's shape: batch 16 × 512 tokens of packed documents, bf16
-    autocast, torch.compile, 2-core AMD EPYC): a whole training step takes 1,872 ms with it against
-    2,114 ms with SDPA's CPU flash kernel and a boolean mask. At these lengths the T×T scores fit in
-    memory, so four batched matrix products (two forward, and dq, dk, dv from the saved
-    probabilities) beat the tiled kernel, which recomputes them. The probabilities are kept in the
-    inputs' dtype (bf16 under autocast: B·H·T² · 2 bytes a layer, 32 MiB here); the softmax and its
-    gradient are computed in float32. GPUs keep SDPA (memory-efficient kernels, longer contexts).
+    Why (bench/bench_train.py, 2-core AMD EPYC with AVX512-BF16, bf16 autocast, 2026-12-06): one
+    layer's forward + backward at batch 16, 4 heads of 64, takes 17 ms at T=256 and 86 ms at T=512
+    against 35 and 115 ms for SDPA's CPU flash kernel with the same boolean mask; a whole compiled
+    training step on the trainer's rows (16 × 512 packed documents) 1,844 against 2,069 ms. At these
+    lengths the T×T scores fit in memory, so four batched matrix products (two forward; dq, dk, dv
+    from the saved probabilities) beat the tiled kernel, which recomputes them. The probabilities
+    are kept in the inputs' dtype (bf16 under autocast: B·H·T²·2 bytes a layer, 32 MiB at 16 × 512);
+    the softmax and its gradient are computed in float32. GPUs and rows longer than
+    MASKED_ATTENTION_MAX_LEN keep SDPA (memory-efficient kernels).
     """
 
     @staticmethod
