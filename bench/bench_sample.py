@@ -83,6 +83,9 @@ def compiled_copy(model: Transformer) -> Transformer:
 
 def hf_generate(model: Transformer, prompt: torch.Tensor, new: int, bf16: bool, compiled: bool = False,
                 frozen: bool = False, guidance: float = 1.0, dtype: torch.dtype = torch.float32):
+    """transformers' generate() on a LlamaForCausalLM of the same dimensions. frozen: compiled as our
+    compile_decoding() compiles (Inductor freezing and its C++ wrapper), so that the comparison is
+    between the decoding loops, not between compiler settings."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     c = model.config
@@ -92,9 +95,8 @@ def hf_generate(model: Transformer, prompt: torch.Tensor, new: int, bf16: bool, 
         rms_norm_eps=c.norm_eps, rope_theta=c.rope_base, attn_implementation="sdpa")).eval().to(dtype)
     if compiled:  # transformers' documented fast path: a static KV cache and a compiled forward
         hf.generation_config.cache_implementation = "static"
-        # frozen: the same Inductor weight freezing our compile_decoding() uses, so that the
-        # comparison is not between freezing and no freezing
-        hf.forward = torch.compile(hf.forward, dynamic=False, options={"freezing": True} if frozen else None)
+        hf.forward = torch.compile(hf.forward, dynamic=False,
+                                   options={"freezing": True, "cpp_wrapper": True} if frozen else None)
 
     guide = {} if guidance == 1.0 else {"guidance_scale": guidance,
                                          "negative_prompt_ids": torch.tensor([UNCOND] * len(prompt))}
@@ -118,8 +120,8 @@ def main() -> None:
     # every contender's compiled graphs (batch 1 and 16, float32 and bf16, prefill and decode,
     # HF with and without freezing) must stay compiled: past the default limit of 8 graphs per
     # function, torch.compile silently falls back to eager
-    torch._dynamo.config.recompile_limit = 64
-    torch._dynamo.config.accumulated_recompile_limit = 512
+    torch._dynamo.config.recompile_limit = 256
+    torch._dynamo.config.accumulated_recompile_limit = 2048
     torch.manual_seed(0)
     model = Transformer(preset(args.preset, vocab_size=args.vocab, block_size=max(128, args.grid ** 2 + 32))).eval()
     # three precisions for every contender: float32; bf16 autocast over float32 weights; weights stored
