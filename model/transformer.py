@@ -198,8 +198,8 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.resid_drop = nn.Dropout(config.dropout)
         self.kv_cache: KVCache | None = None
-        # packed rows trained on the CPU take masked_attention (see _MaskedAttention); False: always
-        # SDPA (bench/bench_train.py compares the two)
+        # rows trained on the CPU (packed or one causal sequence) take masked_attention (see
+        # _MaskedAttention); False: always SDPA (bench/bench_train.py compares the two)
         self.cpu_masked_attention = True
 
     def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -564,8 +564,8 @@ class Transformer(nn.Module):
         """A copy of this model with its weights stored in `dtype`, for sampling (sample/api.py).
 
         One-token decoding reads every weight at every step, so on a CPU it is bound by how many
-        bytes the weights take: a bf16 copy halves them. bench/bench_sample.py, default preset, 2-core
-        AMD EPYC with AVX512-BF16, compiled decode step: 4.1 → 2.2 ms at batch 1 and 7.4 → 5.5 ms at
+        bytes the weights take: a bf16 copy halves them. Default preset, 2-core AMD EPYC with
+        AVX512-BF16, the compiled decode step alone: 4.1 → 2.2 ms at batch 1 and 7.4 → 5.5 ms at
         batch 16 against float32 weights, where bf16 autocast over float32 weights (casting them at
         every step) was slower than float32. The rotary tables stay float32 (bf16 would blur the
         angles of far positions); the norms compute in float32 anyway. Samplers use the copy's own

@@ -77,15 +77,21 @@ def test_static_decode_step_matches_full_forward_with_left_padding(compiled):
     torch.testing.assert_close(got[1], full_long[0, 8:15], atol=1e-4, rtol=0)
 
 
+def decode_bf16_cache(model: Transformer, idx: torch.Tensor, prefill: int = 8) -> torch.Tensor:
+    """Logits of idx decoded through a bf16 KV cache: a prefill, then one token a step (float32)."""
+    B, T = idx.shape
+    model.setup_caches(B, T, dtype=torch.bfloat16)
+    steps = [model.forward_cached(idx[:, :prefill], torch.arange(prefill))]
+    steps += [model.forward_cached(idx[:, t:t + 1], torch.tensor([t])) for t in range(prefill, T)]
+    return torch.cat(steps, dim=1).float()
+
+
 def test_bf16_cache_under_autocast_decodes_close_to_the_full_forward():
     model = make_model()
     idx = torch.randint(0, VOCAB, (3, 20))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         full = model(idx).float()
-        model.setup_caches(3, 20, dtype=torch.bfloat16)
-        steps = [model.forward_cached(idx[:, :8], torch.arange(8))]
-        steps += [model.forward_cached(idx[:, t:t + 1], torch.tensor([t])) for t in range(8, 20)]
-    cached = torch.cat(steps, dim=1).float()
+        cached = decode_bf16_cache(model, idx)
     assert (cached.argmax(-1) == full.argmax(-1)).float().mean() > 0.9
     torch.testing.assert_close(cached, full, atol=0.1, rtol=0.05)
 
@@ -100,10 +106,7 @@ def test_bf16_decoding_copy_decodes_close_to_float32_and_leaves_the_model_alone(
     idx = torch.randint(0, VOCAB, (3, 20))
     with torch.no_grad():
         full = model(idx)
-        twin.setup_caches(3, 20, dtype=torch.bfloat16)
-        steps = [twin.forward_cached(idx[:, :8], torch.arange(8))]
-        steps += [twin.forward_cached(idx[:, t:t + 1], torch.tensor([t])) for t in range(8, 20)]
-    cached = torch.cat(steps, dim=1).float()
+        cached = decode_bf16_cache(twin, idx)
     assert (cached.argmax(-1) == full.argmax(-1)).float().mean() > 0.9
     torch.testing.assert_close(cached, full, atol=0.15, rtol=0.05)
 
