@@ -26,6 +26,9 @@ from tokenizers_mm import special
 
 UNCOND = [special.BOS_ID, special.BOI_ID]  # the guidance stream's prompt: the caption dropped, as in training
 GUIDANCE = 3.0  # the text→image default of `make eval` and the demo
+# (bf16 autocast, weight dtype) of each precision every contender tries, and its name in the rows
+PRECISIONS = {"fp32": (False, torch.float32), "bf16": (True, torch.float32), "bf16w": (False, torch.bfloat16)}
+PRECISION_TAGS = {"fp32": "fp32", "bf16": "bf16", "bf16w": "bf16 weights"}
 
 
 def autocast(bf16: bool):
@@ -116,7 +119,20 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    # a whole run compiles ~40 graphs (45-60 min on a 2-core CPU); these pick a subset
+    p.add_argument("--tasks", default="plain,guided", help="comma-separated subset of: plain, guided")
+    p.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
+    p.add_argument("--precisions", default=",".join(PRECISIONS),
+                   help=f"comma-separated subset of: {', '.join(PRECISIONS)} (every contender runs each)")
     args = p.parse_args()
+    tasks = _subset(p, "--tasks", args.tasks, {"plain": 1.0, "guided": GUIDANCE})
+    picked = _subset(p, "--precisions", args.precisions, PRECISIONS)
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        p.error(f"--batches takes comma-separated integers, got {args.batches!r}")
+    if any(b < 1 for b in batches):
+        p.error(f"--batches must be positive, got {args.batches!r}")
     # every contender's compiled graphs (batch 1 and 16, float32 and bf16, prefill and decode,
     # HF with and without freezing) must stay compiled: past the default limit of 8 graphs per
     # function, torch.compile silently falls back to eager
@@ -127,15 +143,16 @@ def main() -> None:
     # three precisions for every contender: float32; bf16 autocast over float32 weights; weights stored
     # in bf16 (ours: Transformer.decoding_copy, what sample/api.py decodes with where bf16 is native;
     # transformers: the model cast with .to(bfloat16), its documented torch_dtype=bfloat16)
-    precisions = {"fp32": (False, torch.float32), "bf16": (True, torch.float32), "bf16 weights": (False, torch.bfloat16)}
-    weights = {torch.float32: model, torch.bfloat16: model.decoding_copy(torch.bfloat16)}
+    precisions = {PRECISION_TAGS[k]: v for k, v in picked.items()}
+    dtypes = {dtype for _, dtype in precisions.values()}
+    weights = {dt: model if dt == torch.float32 else model.decoding_copy(dt) for dt in dtypes}
     compiled = {} if args.no_compile else {dt: compiled_copy(m) for dt, m in weights.items()}
     text_vocab = args.vocab - 512
     new = args.grid * args.grid + 1
     rows, failures = [], {}
-    for guidance in (1.0, GUIDANCE):
+    for guidance in tasks.values():
         task = "plain" if guidance == 1.0 else f"guidance {guidance:g}"
-        for batch in (1, 16):
+        for batch in batches:
             prompt = torch.cat([torch.tensor([[special.BOS_ID]]), torch.randint(9, text_vocab, (1, 8)),
                                 torch.tensor([[special.BOI_ID]])], dim=1).repeat(batch, 1)
             fns = {}
@@ -162,7 +179,7 @@ def main() -> None:
         print(f"{r['task']:12s} {r['batch']:5d} {r['name']:50s} {r['images_per_s']:9.2f} {r['tokens_per_s']:9.0f}")
     summary = {}
     for task in dict.fromkeys(r["task"] for r in rows):
-        for batch in (1, 16):
+        for batch in batches:
             best = lambda prefix: max((r for r in rows if r["task"] == task and r["batch"] == batch
                                        and r["name"].startswith(prefix)), key=lambda r: r["tokens_per_s"], default=None)
             ours, unc, hf = best("ours cached"), best("ours uncached"), best("HF")
@@ -181,7 +198,16 @@ def main() -> None:
     for name, err in failures.items():
         print(f"{name}: failed ({err})")
     merge_results("sample", {"preset": args.preset, "vocab": args.vocab, "new_tokens": new, "guidance": GUIDANCE, "rows": rows,
-                             "summary": summary, "failed": failures})
+                             "summary": summary, "failed": failures, "precisions": list(picked)})
+
+
+def _subset(parser: argparse.ArgumentParser, flag: str, value: str, choices: dict) -> dict:
+    """The entries of `choices` named in a comma-separated flag value (parser.error on others)."""
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [n for n in names if n not in choices]
+    if bad or not names:
+        parser.error(f"{flag} takes a comma-separated subset of {', '.join(choices)}; got {value!r}")
+    return {n: choices[n] for n in names}
 
 
 def _works(name: str, fn, failures: dict[str, str]) -> bool:

@@ -125,6 +125,8 @@ class _MaskedAttention(torch.autograd.Function):
 # beyond this many tokens a row's T×T probabilities (kept for the backward) grow too large: SDPA's
 # tiled kernel takes over
 MASKED_ATTENTION_MAX_LEN = 1024
+DECODE_CACHE_BUCKET = 64  # compiled decoding rounds its cache length up to a multiple of this
+DECODE_RECOMPILE_LIMIT = 64  # graphs per function dynamo keeps compiling before it falls back to eager
 
 
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -552,6 +554,10 @@ class Transformer(nn.Module):
         3.4 → 2.1 ms under bf16 autocast). The weights are captured at the first call: after
         loading new ones, call compile_decoding() again.
         """
+        # one graph per (batch, cache length); every Transformer shares decode_step's code, so a
+        # process that decodes a few batch sizes with float32 and bf16 copies passes dynamo's default
+        # of 8 graphs per function, past which it silently runs eager (seen in bench runs)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, DECODE_RECOMPILE_LIMIT)
         options = {"freezing": True} if freeze else {}
         if self.tok_emb.weight.device.type == "cpu":
             # a C++ wrapper around the generated kernels instead of a Python one: a step launches
@@ -559,6 +565,18 @@ class Transformer(nn.Module):
             # bf16 weights: 2.55 → 1.8 ms a step; at batch 16 no change; ~10 s more compilation)
             options["cpp_wrapper"] = True
         self._compiled_step = torch.compile(self.decode_step, dynamic=False, options=options) if enable else None
+
+    def decoding_cache_len(self, needed: int) -> int:
+        """The KV cache length a sampler should allocate to decode `needed` positions.
+
+        Eager decoding: exactly `needed`. Compiled (compile_decoding()): rounded up to a multiple of
+        DECODE_CACHE_BUCKET within block_size, because a compiled step is specialised to its cache
+        length: without buckets every new prompt length compiled a new graph (20-60 s on a 2-core
+        CPU) and after 8 of them decoding fell back to eager. The extra slots are masked out.
+        """
+        if self._compiled_step is None or needed >= self.config.block_size:
+            return needed
+        return min(-(-needed // DECODE_CACHE_BUCKET) * DECODE_CACHE_BUCKET, self.config.block_size)
 
     def decoding_copy(self, dtype: torch.dtype) -> "Transformer":
         """A copy of this model with its weights stored in `dtype`, for sampling (sample/api.py).

@@ -107,8 +107,9 @@ def generate_ids(model: Transformer, tokenizer: MultimodalTokenizer, prompts: Se
         raise ValueError(f"prompt ({T0} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's "
                          f"context of {model.config.block_size} tokens")
     device = model.tok_emb.weight.device
-    model.setup_caches(len(rows), total, dtype=model.tok_emb.weight.dtype)  # float32, or a decoding_copy's dtype
-    key_valid = torch.ones(len(rows), total, dtype=torch.bool, device=device)
+    cache_len = model.decoding_cache_len(total)  # > total when compiled: a few lengths share one graph
+    model.setup_caches(len(rows), cache_len, dtype=model.tok_emb.weight.dtype)  # float32, or a decoding_copy's dtype
+    key_valid = torch.ones(len(rows), cache_len, dtype=torch.bool, device=device)
     key_valid[:, :T0] = valid.to(device)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     n_img = tokenizer.image_tokens

@@ -125,3 +125,23 @@ def test_sampling_precision_picks_the_decoder_weights_and_scoring_keeps_float32(
     assert [im.size for im in images] == [(bf16.tokenizer.image_size,) * 2] * 2
     with pytest.raises(ValueError, match="precision"):
         MultimodalModel.from_pretrained(tiny_run, precision="fp16")
+
+
+def test_compiled_decoding_compiles_once_for_prompts_of_different_lengths(tiny_tokenizer):
+    # a compiled decode step is specialised to its cache length: generate_ids rounds the length up
+    # to a bucket (Transformer.decoding_cache_len), so new prompt lengths reuse the graph instead of
+    # compiling one each (and falling back to eager after dynamo's limit)
+    from torch._dynamo.utils import counters
+
+    t = tiny_tokenizer
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=t.vocab_size, block_size=160)).eval()
+    assert model.decoding_cache_len(70) == 70  # eager: exact
+    model.compile_decoding()
+    assert model.decoding_cache_len(70) == 128 and model.decoding_cache_len(150) == 160
+    before = counters["stats"]["unique_graphs"]
+    for caption in ("a red circle", "a small blue square in the top left of the picture"):
+        cond, _ = text_to_image_prompts(t, [caption])
+        new = generate_ids(model, t, cond, max_new_tokens=t.image_tokens + 1, stop_after_images=1, seed=0)
+        assert len(new[0]) == t.image_tokens + 1 and new[0][-1] == special.EOI_ID
+    assert counters["stats"]["unique_graphs"] - before == 1
