@@ -63,7 +63,8 @@ def main() -> None:
                 f"{s.get('guidance', 3):g}; ours batches the unconditional stream into the same forward pass, "
                 "transformers' `generate(guidance_scale=...)` runs it as a second one). Precisions: fp32; bf16 = "
                 "bf16 autocast over float32 weights; bf16 weights = the weights stored in bf16 (ours: "
-                "`Transformer.decoding_copy`, what `MultimodalModel` decodes with where bf16 is native).", "",
+                "`Transformer.decoding_copy`, what `MultimodalModel` decodes with where bf16 is native)."
+                + (f" This run tried: {', '.join(s['precisions'])} (`--precisions`)." if "precisions" in s else ""), "",
                 table(["task", "batch", "contender", "images/s", "tokens/s"],
                       [[x.get("task", "plain"), x["batch"], x["name"], x["images_per_s"], x["tokens_per_s"]] for x in s["rows"]]), "",
                 table(["task, batch", "ours best", "× no KV cache", "HF best", "× HF's best (target 2)"],
@@ -72,7 +73,10 @@ def main() -> None:
     if "classify" in r:
         c = r["classify"]
         out += ["## Bayes classification speed (`bench/bench_classify.py`)", "", machine({**c["machine"], "time": c.get("time")}), "",
-                f"{c['images']} digits test images × {c['classes']} classes.", "",
+                f"{c['images']} digits test images × {c['classes']} classes, one template. Rows without a prefix "
+                "score p(x | c); rows starting `p(caption|x)` score the other direction against its own naive loop "
+                "(a full forward of image + caption per pair)."
+                + ("" if c.get("bf16", True) else " No bf16 rows: bf16 is not native on this CPU (`--bf16 on` forces them)."), "",
                 table(["path", "images/s", "speed-up", "accuracy", "agreement with naive"],
                       [[x["path"], x["images_per_s"], x["speedup"], x["accuracy"], x["agreement_with_naive"]] for x in c["rows"]]), ""]
     if "index" in r:

@@ -588,6 +588,13 @@ class Transformer(nn.Module):
         every step) was slower than float32. The rotary tables stay float32 (bf16 would blur the
         angles of far positions); the norms compute in float32 anyway. Samplers use the copy's own
         KV cache in its dtype. The copy is independent: it shares no tensor with this model.
+        Without native bf16 (2-core AMD EPYC with AVX2 only, compiled step, 2026-12-06) bf16 weights
+        still pay at small batches, where the step waits on memory (the float32 weights, 35 MB, do
+        not fit the 32 MB L3; the bf16 ones do): 3.79 → 2.13 ms at batch 1, 5.34 → 2.71 at 2, 7.48
+        → 5.15 at 4, but 8.0 → 10.2 ms at 8 rows, where emulated bf16 arithmetic costs more than
+        the bytes saved; eager, they gain nothing at batch 1 (9.5 vs 10.1 ms). So "auto" keeps
+        float32 there (sample/api.py), and `precision="bf16"` is the choice for compiled decoding
+        of one or two images at a time.
         """
         twin = copy.deepcopy(self)
         twin.clear_caches()
