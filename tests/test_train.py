@@ -137,3 +137,21 @@ def test_autocast_defaults_to_where_bf16_is_native_and_can_be_forced_either_way(
     assert uses_bf16(apply_overrides(cfg, ["autocast=true"]), cpu) is True
     assert uses_bf16(apply_overrides(cfg, ["autocast=false"]), cpu) is False
     assert apply_overrides(apply_overrides(cfg, ["autocast=true"]), ["autocast=none"]).autocast is None
+
+
+def test_a_failing_sample_grid_leaves_that_steps_checkpoint(tiny_artifacts, tmp_path, monkeypatch):
+    # the grid is drawn after the checkpoint: a sampler failure (a bug, a code edit under a running
+    # job) stops the run without costing the steps since the previous checkpoint
+    from dataclasses import replace
+
+    from train import trainer
+    from train.config import PRESETS
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("sampler broke")
+
+    monkeypatch.setattr(trainer, "write_sample_grid", broken)
+    cfg = replace(PRESETS["tiny"], steps=8, eval_every=6, ckpt_every=6, sample_grid=True)
+    with pytest.raises(RuntimeError, match="sampler broke"):
+        trainer.train(cfg, tiny_artifacts, tmp_path / "run")
+    assert (tmp_path / "run" / "latest").read_text().strip().endswith("step_000006")

@@ -342,6 +342,7 @@ def _train(cfg: TrainConfig, data: Path, run: Path, resume: str, steps: int | No
     last: dict[str, Any] = dict(info["metrics"]) if state_in is not None else {}  # a finished run resumed keeps its figures
     t_log, tok_log = time.time(), 0
     step = start_step
+    grid_due = False  # a sample grid to draw once this step's checkpoint is written
     try:
         while step < cfg.steps:
             for group in optimizer.param_groups:
@@ -399,10 +400,12 @@ def _train(cfg: TrainConfig, data: Path, run: Path, resume: str, steps: int | No
                     bar.write(f"[train] step {step}: held-out loss {ev['eval_loss']:.3f} "
                               f"(text {ev['eval_text_nll']:.3f}, image {ev['eval_image_nll']:.3f} nats/token)")
                     plot_metrics(metrics_file, run / "loss_curve.png")
-                    if cfg.sample_grid:
-                        write_sample_grid(model, tokenizer, run / "samples" / f"step_{step:06d}.png", cfg.seed)
+                    grid_due = cfg.sample_grid
             if checkpointer.should_save(step, last_step):
                 checkpointer.save(step, model, optimizer, loader_pos["epoch"], loader_pos["loader"], last)
+            if grid_due:  # after the checkpoint: a sampler failure never costs trained steps
+                grid_due = False
+                write_sample_grid(model, tokenizer, run / "samples" / f"step_{step:06d}.png", cfg.seed)
     except KeyboardInterrupt:
         if step > checkpointer.last_saved:
             checkpointer.save(step, model, optimizer, loader_pos["epoch"], loader_pos["loader"], last)
