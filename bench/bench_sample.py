@@ -174,6 +174,8 @@ def main() -> None:
             for name, sec in secs.items():
                 rows.append({"task": task, "batch": batch, "name": name, "seconds": sec, "images_per_s": batch / sec,
                              "tokens_per_s": batch * new / sec})
+                # as each block finishes: a run stopped early (a full one takes most of an hour) still tells
+                print(f"{task}, batch {batch}: {name}: {batch / sec:.2f} images/s", flush=True)
     print(f"\n{'task':12s} {'batch':>5} {'contender':50s} {'images/s':>9} {'tokens/s':>9}")
     for r in rows:
         print(f"{r['task']:12s} {r['batch']:5d} {r['name']:50s} {r['images_per_s']:9.2f} {r['tokens_per_s']:9.0f}")
