@@ -26,9 +26,9 @@ from tokenizers_mm import special
 
 UNCOND = [special.BOS_ID, special.BOI_ID]  # the guidance stream's prompt: the caption dropped, as in training
 GUIDANCE = 3.0  # the text→image default of `make eval` and the demo
-# (bf16 autocast, weight dtype) of each precision every contender tries, and its name in the rows
-PRECISIONS = {"fp32": (False, torch.float32), "bf16": (True, torch.float32), "bf16w": (False, torch.bfloat16)}
-PRECISION_TAGS = {"fp32": "fp32", "bf16": "bf16", "bf16w": "bf16 weights"}
+# each precision every contender tries: its name in the rows, bf16 autocast, weight dtype
+PRECISIONS = {"fp32": ("fp32", False, torch.float32), "bf16": ("bf16", True, torch.float32),
+              "bf16w": ("bf16 weights", False, torch.bfloat16)}
 
 
 def autocast(bf16: bool):
@@ -143,7 +143,7 @@ def main() -> None:
     # three precisions for every contender: float32; bf16 autocast over float32 weights; weights stored
     # in bf16 (ours: Transformer.decoding_copy, what sample/api.py decodes with where bf16 is native;
     # transformers: the model cast with .to(bfloat16), its documented torch_dtype=bfloat16)
-    precisions = {PRECISION_TAGS[k]: v for k, v in picked.items()}
+    precisions = {tag: (bf16, dtype) for tag, bf16, dtype in picked.values()}
     dtypes = {dtype for _, dtype in precisions.values()}
     weights = {dt: model if dt == torch.float32 else model.decoding_copy(dt) for dt in dtypes}
     compiled = {} if args.no_compile else {dt: compiled_copy(m) for dt, m in weights.items()}
