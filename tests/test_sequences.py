@@ -7,7 +7,7 @@ import torch
 
 from tokenizers_mm.special import BOI_ID, BOS_ID, EOI_ID, EOM_ID, EOS_ID, INFILL_ID, MASK_ID, PAD_ID
 from train.pipeline import PackedRows, make_loader
-from train.sequences import IGNORE, SequenceConfig, build_sequence, pack, plan_rows
+from train.sequences import IGNORE, SequenceConfig, build_sequence, image_order, pack, plan_rows
 from train.shards import IMAGE, TEXT, Shard, ShardSegment, ShardWriter
 
 OFFSET, CODES = 100, 16  # a toy layout: text ids < 100, image ids 100..115, 4 codes per image
@@ -62,6 +62,38 @@ def test_pairs_appear_in_both_orders_and_captions_drop_at_the_configured_rate():
             kinds["text_first"] += 1
     assert abs(kinds["image_first"] / 4000 - 0.5) < 0.03
     assert abs(kinds["dropped"] / (kinds["dropped"] + kinds["text_first"]) - 0.2) < 0.03
+
+
+def test_image_orders_are_the_raster_grid_reversed_and_transposed():
+    assert image_order(0, 3).tolist() == list(range(9))
+    assert image_order(1, 3).tolist() == list(range(8, -1, -1))
+    assert image_order(2, 3).tolist() == [0, 3, 6, 1, 4, 7, 2, 5, 8]
+    assert image_order(3, 3).tolist() == [8, 5, 2, 7, 4, 1, 6, 3, 0]
+
+
+def test_ordered_images_carry_their_marker_and_a_permutation_of_the_codes():
+    base = 200
+    cfg = SequenceConfig(block_size=64, image_orders=4, order_prob=0.6, order_marker_base=base)
+    codes = np.array([100, 101, 102, 103])
+    seen = {0: 0, 1: 0, 2: 0, 3: 0}
+    for s in range(3000):
+        seq = np.asarray(build_sequence(pair(), np.random.default_rng(s), cfg))
+        at = int(np.flatnonzero(seq == BOI_ID)[0])
+        k = int(seq[at + 1]) - base + 1 if seq[at + 1] >= base else 0
+        body = seq[at + 1 + (k > 0) : at + 1 + (k > 0) + 4]
+        assert body.tolist() == codes[image_order(k, 2)].tolist() and seq[at + 1 + (k > 0) + 4] == EOI_ID
+        seen[k] += 1
+    assert abs(seen[0] / 3000 - 0.4) < 0.03 and min(seen[1], seen[2], seen[3]) > 0.15 * 3000
+    # the default draws nothing more: sequences are those of a config without the option
+    plain = SequenceConfig(block_size=64)
+    for s in range(50):
+        a = build_sequence(pair(), np.random.default_rng(s), plain)
+        b = build_sequence(pair(), np.random.default_rng(s), SequenceConfig(block_size=64, image_orders=1, order_prob=0.9))
+        assert a.tolist() == b.tolist()
+    with pytest.raises(ValueError, match="order_marker_base"):
+        SequenceConfig(block_size=64, image_orders=2)
+    with pytest.raises(ValueError, match="image_orders"):
+        SequenceConfig(block_size=64, image_orders=5, order_marker_base=base)
 
 
 def test_cm3_moves_one_span_behind_infill_and_keeps_every_token():

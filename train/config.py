@@ -30,6 +30,10 @@ class TrainConfig:
     cm3_prob: float = 0.0  # documents trained with the CM3 causal-masked (infilling) objective
     retrieved_max: int = 0  # retrieval augmentation: K neighbours prepended, K uniform in {0..retrieved_max} (0 = off)
     retrieved_weight: float = 0.1  # loss weight α of targets in the retrieved part (RA-CM3)
+    # image token orders (train.sequences.SequenceConfig): K > 1 writes a share order_prob of the
+    # pairs' images in one of K-1 other orders, for order-averaged p(x|c); the model gets K-1 ids
+    image_orders: int = 1
+    order_prob: float = 0.5
     source_weights: dict[str, float] = field(default_factory=dict)  # epoch copies per source, e.g. {"digits": 2}
     eval_every: int = 250  # steps between held-out evaluations (and sample grids)
     eval_rows: int = 64  # held-out rows per evaluation

@@ -42,6 +42,16 @@ class SequenceConfig:
     retrieved_max: int = 0
     retrieved_min: int = 0
     retrieved_weight: float = 0.1  # loss weight α of targets in the retrieved part (RA-CM3)
+    # image token orders. A raster-order model's p(x|c) rests on the first code rows (README,
+    # zero-shot classification); averaging it over several token orders is what lifts
+    # autoregressive generative classifiers (Sudakov et al. 2026, "Revisiting Autoregressive Models
+    # for Generative Image Classification"). With image_orders = K > 1 a share order_prob of the
+    # pairs' images is written in one of the other K-1 orders of `image_order`, flagged by the id
+    # order_marker_base + k - 1 right after <boi> (ids past the tokenizer's: the model gets K-1
+    # more); raster order needs no marker, so sampling and scoring in raster order are unchanged
+    image_orders: int = 1
+    order_prob: float = 0.5
+    order_marker_base: int = 0  # the first marker id: the tokenizer's vocab_size
 
     def __post_init__(self) -> None:
         for name in ("p_image_first", "caption_dropout", "cm3_prob"):
@@ -54,6 +64,34 @@ class SequenceConfig:
             raise ValueError(f"need 0 <= retrieved_min <= retrieved_max, got {self.retrieved_min}, {self.retrieved_max}")
         if not 0.0 <= self.retrieved_weight <= 1.0:
             raise ValueError(f"retrieved_weight must be in [0, 1], got {self.retrieved_weight}")
+        if not 1 <= self.image_orders <= len(ORDERS) or not 0.0 <= self.order_prob <= 1.0:
+            raise ValueError(f"need 1 <= image_orders <= {len(ORDERS)} and 0 <= order_prob <= 1; got "
+                             f"{self.image_orders}, {self.order_prob}")
+        if self.image_orders > 1 and self.order_marker_base <= 0:
+            raise ValueError("image_orders > 1 needs order_marker_base: the tokenizer's vocab_size")
+
+
+# the orders of a g×g code grid, as (transpose, reverse): raster, reverse raster (bottom-right
+# first), column-major, reverse column-major
+ORDERS: tuple[tuple[bool, bool], ...] = ((False, False), (False, True), (True, False), (True, True))
+
+
+def image_order(k: int, grid: int) -> np.ndarray:
+    """Order k as a permutation: codes_in_order_k = codes[image_order(k, grid)] for codes in
+    raster order (G = grid² of them)."""
+    transpose, reverse = ORDERS[k]
+    idx = np.arange(grid * grid).reshape(grid, grid)
+    idx = (idx.T if transpose else idx).reshape(-1)
+    return idx[::-1].copy() if reverse else idx
+
+
+def ordered_image_block(codes: np.ndarray, k: int, marker_base: int) -> np.ndarray:
+    """<boi> [marker_k] codes in order k <eoi>; order 0 (raster) is `image_block`'s layout."""
+    grid = int(round(len(codes) ** 0.5))
+    if grid * grid != len(codes):
+        raise ValueError(f"image orders need a square code grid; got {len(codes)} codes")
+    head = [BOI_ID] if k == 0 else [BOI_ID, marker_base + k - 1]
+    return np.concatenate([head, np.asarray(codes)[image_order(k, grid)], [EOI_ID]]).astype(np.int64)
 
 
 def image_block(seg: ShardSegment) -> np.ndarray:
@@ -75,6 +113,9 @@ def build_sequence(segments: Sequence[ShardSegment], rng: np.random.Generator, c
         else:
             segs = [text, image]
     pieces = [image_block(s) if s.is_image else s.ids.astype(np.int64) for s in segs]
+    if is_pair and cfg.image_orders > 1 and rng.random() < cfg.order_prob:  # no draw at all by default
+        k = 1 + int(rng.integers(cfg.image_orders - 1))
+        pieces = [ordered_image_block(s.ids, k, cfg.order_marker_base) if s.is_image else p for s, p in zip(segs, pieces)]
     if cfg.cm3_prob > 0 and rng.random() < cfg.cm3_prob and pieces:
         pieces = cm3_mask(pieces, rng)
     return np.concatenate([[BOS_ID], *pieces, [EOS_ID]]).astype(np.int64)

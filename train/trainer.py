@@ -290,7 +290,9 @@ def _train(cfg: TrainConfig, data: Path, run: Path, resume: str, steps: int | No
         cfg = dataclasses.replace(cfg, steps=steps)
 
     torch.manual_seed(cfg.seed)
-    mcfg = model_preset(cfg.model, vocab_size=tokenizer.vocab_size, **{**cfg.model_overrides, "block_size": cfg.block_size})
+    # image order markers (cfg.image_orders > 1) are ids past the tokenizer's
+    vocab = tokenizer.vocab_size + cfg.image_orders - 1
+    mcfg = model_preset(cfg.model, vocab_size=vocab, **{**cfg.model_overrides, "block_size": cfg.block_size})
     model = Transformer(mcfg).to(d.device)
     start_step, epoch, loader_state = 0, 0, None
     if state_in is not None:
@@ -312,7 +314,9 @@ def _train(cfg: TrainConfig, data: Path, run: Path, resume: str, steps: int | No
         train_model = torch.compile(train_model)
 
     seq_cfg = SequenceConfig(cfg.block_size, cfg.p_image_first, cfg.caption_dropout, cfg.cm3_prob,
-                             retrieved_max=cfg.retrieved_max, retrieved_weight=cfg.retrieved_weight)
+                             retrieved_max=cfg.retrieved_max, retrieved_weight=cfg.retrieved_weight,
+                             image_orders=cfg.image_orders, order_prob=cfg.order_prob,
+                             order_marker_base=tokenizer.vocab_size)
     held_out = eval_rows(eval_shard, seq_cfg, cfg.seed, cfg.eval_rows) if eval_shard is not None and len(eval_shard) else []
     neighbours, held_out_ra = None, None
     if cfg.retrieved_max > 0:
