@@ -41,7 +41,7 @@ import common  # noqa: F401  (puts the project on sys.path)
 from common import merge_results
 from sample.api import MultimodalModel
 from sample.bayes import combine_directions, expected_calibration_error, posterior
-from sample.classify import calibrate_directions, classify
+from sample.classify import calibrate_directions, classify, trained_orders
 from sample.generate import SamplingConfig
 from tokenizers_mm.images import image_grid
 from train.data import digits as digits_data
@@ -269,6 +269,7 @@ def classify_digits(mm: MultimodalModel, quick: bool, retriever_dir: Path | None
     one = classify(mm.model, mm.tokenizer, images, WORDS, DIGIT_TEMPLATES[:1], mode="image")
     res["image_one_template"] = {"accuracy": float((one.posterior.argmax(-1) == y).double().mean())}
     res["seconds"] = round(time.time() - t, 1)
+    res["image_orders"] = trained_orders(mm.model, mm.tokenizer)  # p(x|c) averaged over them (classify's default)
     train = digits_data.digits_documents("train")
     logreg = logistic_baseline(train, images, lambda d: d.meta["label"])
     res["logistic_regression_pixels"] = {"accuracy": float(np.mean(np.array(logreg(images)) == y.numpy()))}

@@ -34,6 +34,7 @@ from sample.bayes import check_prior, check_weights, combine_directions, ensembl
 from sample.generate import left_pad
 from tokenizers_mm import special
 from tokenizers_mm.multimodal import MultimodalTokenizer
+from tokenizers_mm.special import image_order, order_marker
 
 Mode = Literal["image", "text", "both"]
 
@@ -151,16 +152,25 @@ def image_codes(tokenizer: MultimodalTokenizer, images: Sequence[Image.Image] | 
 @torch.no_grad()
 def image_loglik(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequence[Image.Image] | Tensor,
                  captions: Sequence[str], *, batch_rows: int = 160, bf16: bool | None = None,
-                 prune_after: int | None = None, keep: int = 3) -> Tensor:
+                 prune_after: int | None = None, keep: int = 3, order: int = 0) -> Tensor:
     """log p(x | caption_c) for every image and caption: (N, C).
 
     prune_after=K: score the first K codes under every caption, then finish only the `keep` best
     captions per image; pruned captions get -inf (their exact score is not computed).
+    order: read the codes in image order k behind its marker (tokenizers_mm.special.image_order),
+    for a model trained with more than k orders (`trained_orders`); 0 is raster order.
     """
     x = image_codes(tokenizer, images)  # (N, G)
     N, G = x.shape
     C = len(captions)
-    prompts = [[special.BOS_ID, *tokenizer.encode_text(c), special.BOI_ID] for c in captions]
+    marker = []
+    if order:
+        if not 0 < order < trained_orders(model, tokenizer):
+            raise ValueError(f"image order {order} needs a model trained with image_orders > {order}; this one has "
+                             f"{trained_orders(model, tokenizer)}")
+        marker = [order_marker(order, tokenizer.vocab_size)]
+        x = x[:, torch.from_numpy(image_order(order, tokenizer.grid))]
+    prompts = [[special.BOS_ID, *tokenizer.encode_text(c), special.BOI_ID, *marker] for c in captions]
     state, first, key_valid = _prefill(model, prompts, batch_rows, G, bf16)
     per_chunk = max(1, batch_rows // C)
 
@@ -190,6 +200,12 @@ def image_loglik(model: Transformer, tokenizer: MultimodalTokenizer, images: Seq
     finally:
         model.clear_caches()
     return result
+
+
+def trained_orders(model: Transformer, tokenizer: MultimodalTokenizer) -> int:
+    """How many image orders the model was trained with (train.sequences.SequenceConfig.image_orders):
+    their markers are the ids it has past the tokenizer's."""
+    return max(1, min(len(special.ORDERS), model.config.vocab_size - tokenizer.vocab_size + 1))
 
 
 @torch.no_grad()
@@ -222,7 +238,7 @@ def text_loglik(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequ
 def classify(model: Transformer | Sequence[Transformer], tokenizer: MultimodalTokenizer, images: Sequence[Image.Image] | Tensor,
              labels: Sequence[str], templates: Sequence[str] = ("{}",), *, prior: Sequence[float] | Tensor | None = None,
              mode: Mode = "both", views: int = 1, bf16: bool | None = None, prune_after: int | None = None,
-             keep: int = 3, weights: tuple[float, float] = (1.0, 1.0)) -> Classification:
+             keep: int = 3, weights: tuple[float, float] = (1.0, 1.0), orders: int | None = None) -> Classification:
     """Posterior over `labels` for each image by Bayes' rule.
 
     templates: prompt templates with {} for the label; their likelihoods are combined by
@@ -230,6 +246,9 @@ def classify(model: Transformer | Sequence[Transformer], tokenizer: MultimodalTo
     p(caption_c|x), "both" adds the two log-scores, weighted by `weights` = (image, text).
     views: score each PIL image also shifted by whole pixels and average each log-score over the
     views (module docstring; V× the time).
+    orders: average log p(x|c) over the first `orders` image token orders, for models trained with
+    image_orders > 1 (`trained_orders`); None = every order all the models were trained with (1,
+    raster order, for the default recipe). O× the image direction's time.
     model: one model, or several trained on this same tokenizer (for example the same recipe with
     different seeds): each direction's log-score is averaged over the models, a product of experts
     whose errors are largely particular to each run (README: four runs lift digits p(x|c) from
@@ -250,6 +269,11 @@ def classify(model: Transformer | Sequence[Transformer], tokenizer: MultimodalTo
         raise ValueError(f"mode must be 'image', 'text' or 'both', got {mode!r}")
     if not isinstance(views, int) or not 1 <= views <= MAX_VIEWS:
         raise ValueError(f"views must be an integer between 1 and {MAX_VIEWS}, got {views!r}")
+    most = min(trained_orders(m, tokenizer) for m in models)
+    orders = most if orders is None else orders
+    if not isinstance(orders, int) or not 1 <= orders <= most:
+        raise ValueError(f"orders must be an integer between 1 and {most} (the image orders every model was "
+                         f"trained with), got {orders!r}")
     p = check_prior(prior, len(labels))
     weights = check_weights(weights)  # refuse bad weights before the work
     if views > 1:
@@ -267,7 +291,11 @@ def classify(model: Transformer | Sequence[Transformer], tokenizer: MultimodalTo
         return torch.stack([combine([loglik(m, tokenizer, codes, [t.format(l) for l in labels], bf16=bf16, **kw)
                                      for t in templates]) for m in models]).mean(0)
 
-    img_ll = direction(image_loglik, prune_after=prune_after, keep=keep) if mode in ("image", "both") else None
+    def image_direction() -> Tensor:  # averaged over the image orders too
+        return torch.stack([direction(image_loglik, prune_after=prune_after, keep=keep, order=o)
+                            for o in range(orders)]).mean(0)
+
+    img_ll = image_direction() if mode in ("image", "both") else None
     txt_ll = direction(text_loglik) if mode in ("text", "both") else None
     score = img_ll if txt_ll is None else txt_ll if img_ll is None else combine_directions(img_ll, txt_ll, weights)
     return Classification(labels, posterior(score, p), score, img_ll, txt_ll, mode, views)
@@ -275,29 +303,34 @@ def classify(model: Transformer | Sequence[Transformer], tokenizer: MultimodalTo
 
 def calibrate_directions(model: Transformer | Sequence[Transformer], tokenizer: MultimodalTokenizer, images: Sequence[Image.Image],
                          truth: Sequence[int], labels: Sequence[str], templates: Sequence[str] = ("{}",), *,
-                         views: int = 1, bf16: bool | None = None) -> tuple[tuple[float, float], Classification]:
+                         views: int = 1, bf16: bool | None = None, orders: int | None = None) -> tuple[tuple[float, float], Classification]:
     """Direction weights (image, text) for "both", fitted on labelled images of the task
-    (truth[i] indexes labels): both directions are scored as `classify` would with these templates
-    and views, then sample.bayes.fit_direction_weights. Returns the weights and the scores."""
+    (truth[i] indexes labels): both directions are scored as `classify` would with these templates,
+    views and orders, then sample.bayes.fit_direction_weights. Returns the weights and the scores."""
     if len(images) != len(truth) or len(images) < 2:
         raise ValueError(f"calibration needs at least two labelled images, one label each; got {len(images)} "
                          f"images and {len(truth)} labels")
-    scored = classify(model, tokenizer, images, labels, templates, mode="both", views=views, bf16=bf16)
+    scored = classify(model, tokenizer, images, labels, templates, mode="both", views=views, bf16=bf16, orders=orders)
     return fit_direction_weights(scored.image_loglik, scored.text_loglik, torch.as_tensor(list(truth))), scored
 
 
 @torch.no_grad()
 def naive_scores(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequence[Image.Image] | Tensor,
-                 captions: Sequence[str], direction: Literal["image", "text"] = "image", bf16: bool = False) -> Tensor:
-    """The reference: one full forward pass per (image, caption) pair, no cache, no batching."""
+                 captions: Sequence[str], direction: Literal["image", "text"] = "image", bf16: bool = False,
+                 order: int = 0) -> Tensor:
+    """The reference: one full forward pass per (image, caption) pair, no cache, no batching.
+    order: the image direction in image order k behind its marker (see image_loglik)."""
     x = image_codes(tokenizer, images)
+    marker = [order_marker(order, tokenizer.vocab_size)] if order else []
+    if order:
+        x = x[:, torch.from_numpy(image_order(order, tokenizer.grid))]
     out = torch.empty(len(x), len(captions))
     for j in range(len(x)):
         for c, cap in enumerate(captions):
             text = tokenizer.encode_text(cap)
             if direction == "image":
-                seq = [special.BOS_ID, *text, special.BOI_ID, *x[j].tolist()]
-                start = len(text) + 2
+                seq = [special.BOS_ID, *text, special.BOI_ID, *marker, *x[j].tolist()]
+                start = len(text) + 2 + len(marker)
             else:
                 seq = [special.BOS_ID, special.BOI_ID, *x[j].tolist(), special.EOI_ID, *text, special.EOS_ID]
                 start = len(seq) - len(text) - 1

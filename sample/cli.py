@@ -193,7 +193,7 @@ def read_labelled_folder(folder: str, labels: list[str], size: int) -> tuple[lis
 def cmd_classify(args: argparse.Namespace) -> int:
     from sample.api import MultimodalModel
     from sample.bayes import check_prior, combine_directions
-    from sample.classify import MAX_VIEWS, calibrate_directions, check_labels, classify
+    from sample.classify import MAX_VIEWS, calibrate_directions, check_labels, classify, trained_orders
 
     labels = read_labels(args.labels)
     templates = args.template or ["{}"]
@@ -218,15 +218,21 @@ def cmd_classify(args: argparse.Namespace) -> int:
     images = [load_image(p, mm.tokenizer.image_size) for p in args.images]
     if not 1 <= args.views <= MAX_VIEWS:
         raise ValueError(f"--views must be between 1 and {MAX_VIEWS}, got {args.views}")
+    most = min(trained_orders(m, mm.tokenizer) for m in models)
+    orders = most if args.orders is None else args.orders
+    if not 1 <= orders <= most:  # refused before any scoring
+        raise ValueError(f"--orders must be between 1 and {most} (the image orders the checkpoints were trained "
+                         f"with), got {orders}")
     if args.calibrate:
         examples, truth = read_labelled_folder(args.calibrate, labels, mm.tokenizer.image_size)
-        weights, scored = calibrate_directions(models, mm.tokenizer, examples, truth, labels, templates, views=args.views)
+        weights, scored = calibrate_directions(models, mm.tokenizer, examples, truth, labels, templates, views=args.views,
+                                               orders=orders)
         print(f"calibrated on {len(examples)} labelled images: --weights {weights[0]:.4g},{weights[1]:.4g} "
               f"(accuracy on them: image {_accuracy(scored.image_loglik, truth):.3f}, text "
               f"{_accuracy(scored.text_loglik, truth):.3f}, both weighted "
               f"{_accuracy(combine_directions(scored.image_loglik, scored.text_loglik, weights), truth):.3f})", file=sys.stderr)
     out = classify(models, mm.tokenizer, images, labels, templates, prior=prior, mode=args.mode, views=args.views,
-                   weights=weights)
+                   weights=weights, orders=orders)
     for i, path in enumerate(args.images):
         post = {l: round(float(p), 6) for l, p in zip(labels, out.posterior[i])}
         ll = {l: round(float(v), 4) for l, v in zip(labels, out.loglik[i])}
@@ -290,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--views", type=int, default=DEFAULT_VIEWS,
                    help="score each image also shifted by whole pixels and average over the views "
                         f"(1 = the image alone; up to 25; time grows with views; default {DEFAULT_VIEWS})")
+    c.add_argument("--orders", type=int, default=None,
+                   help="average p(x|c) over this many image token orders (a model trained with image_orders > 1; "
+                        "default: every order the checkpoints were trained with, 1 for raster-only models)")
     c.add_argument("--json", action="store_true", help="one JSON object per image")
     c.add_argument("--compile", action="store_true",
                    help="torch.compile the scoring forward (about a minute once, then ~1.8x faster under bf16): "

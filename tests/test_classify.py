@@ -7,7 +7,7 @@ import torch
 from model import Transformer, preset
 from sample.bayes import (check_prior, combine_directions, em_prior, ensemble_templates, expected_calibration_error,
                           fit_direction_weights, posterior)
-from sample.classify import check_labels, classify, image_loglik, naive_scores, text_loglik
+from sample.classify import check_labels, classify, image_loglik, naive_scores, text_loglik, trained_orders
 
 
 def test_posteriors_sum_to_one_and_follow_the_likelihoods():
@@ -127,6 +127,24 @@ def test_compiled_scoring_equals_the_naive_loop_in_both_directions(tiny_tokenize
         assert torch.allclose(fast, naive_scores(m, tiny_tokenizer, codes, CAPTIONS, "text"), atol=1e-3)
     finally:
         m.compile_scoring(False)
+
+
+def test_image_orders_score_the_permuted_codes_and_classify_averages_them(model, tiny_tokenizer, codes):
+    torch.manual_seed(0)  # a model with the 3 marker ids of a run trained with image_orders=4
+    m = Transformer(preset("tiny", vocab_size=tiny_tokenizer.vocab_size + 3, block_size=128)).eval()
+    assert trained_orders(m, tiny_tokenizer) == 4 and trained_orders(model, tiny_tokenizer) == 1
+    per_order, captions = [], ["a handwritten digit one", "a handwritten digit 7"]
+    for k in range(4):
+        fast = image_loglik(m, tiny_tokenizer, codes, captions, bf16=False, batch_rows=7, order=k)
+        assert torch.allclose(fast, naive_scores(m, tiny_tokenizer, codes, captions, "image", order=k), atol=1e-3)
+        per_order.append(fast)
+    assert not torch.allclose(per_order[0], per_order[1], atol=1e-2)  # another order is another sequence
+    out = classify(m, tiny_tokenizer, codes, ["one", "7"], ["a handwritten digit {}"], mode="image", bf16=False, orders=4)
+    assert torch.allclose(out.image_loglik, torch.stack(per_order).mean(0), atol=1e-4)
+    with pytest.raises(ValueError, match="image_orders > 1"):
+        image_loglik(model, tiny_tokenizer, codes, CAPTIONS, order=1)
+    with pytest.raises(ValueError, match="orders must be an integer between 1 and 1"):
+        classify(model, tiny_tokenizer, codes, ["one", "two"], mode="image", orders=2)
 
 
 def test_pruning_keeps_the_exact_scores_of_the_kept_classes(model, tiny_tokenizer, codes):

@@ -98,6 +98,7 @@ def test_classify_compiled_gives_the_eager_posteriors(tiny_run, images):
     (["--labels", "a,b", "--template", "no slot"], "has no {}"), (["--labels", "a,b", "--prior", "0.5"], "1 values"),
     (["--labels", "a,b", "--prior", "0.5,0.7"], "sum to 1"), (["--labels", ","], "no labels"),
     (["--labels", "a,b", "--views", "0"], "--views must be between 1 and 25"),
+    (["--labels", "a,b", "--orders", "2"], "--orders must be between 1 and 1"),
     (["--labels", "a,b", "--weights", "0.5"], "two comma-separated numbers"),
     (["--labels", "a,b", "--weights=-1,1"], "non-negative"), (["--labels", "a,b", "--weights", "0,0"], "not both zero"),
 ])

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from tokenizers_mm.special import BOI_ID, BOS_ID, EOI_ID, EOM_ID, EOS_ID, INFILL_ID, MASK_ID, PAD_ID
+from tokenizers_mm.special import BOI_ID, BOS_ID, EOI_ID, EOM_ID, EOS_ID, INFILL_ID, MASK_ID, PAD_ID, image_order
 from train.pipeline import PackedRows, make_loader
-from train.sequences import IGNORE, SequenceConfig, build_sequence, image_order, pack, plan_rows
+from train.sequences import IGNORE, SequenceConfig, build_sequence, pack, plan_rows
 from train.shards import IMAGE, TEXT, Shard, ShardSegment, ShardWriter
 
 OFFSET, CODES = 100, 16  # a toy layout: text ids < 100, image ids 100..115, 4 codes per image

@@ -72,7 +72,7 @@ def test_training_lowers_held_out_loss_and_writes_a_loadable_checkpoint(tiny_art
     assert torch.isfinite(loaded.model(ids)).all()
 
 
-@pytest.mark.parametrize("sets", [(), RA_SETTINGS], ids=["plain", "retrieval"])
+@pytest.mark.parametrize("sets", [(), RA_SETTINGS, ("image_orders=4",)], ids=["plain", "retrieval", "image-orders"])
 def test_a_run_killed_mid_training_resumes_to_the_same_weights_bitwise(tiny_artifacts, tmp_path, sets):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     r = subprocess.run(train_cmd(tiny_artifacts, straight, *sets), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
@@ -98,6 +98,12 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights_bitwise(tiny_arti
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    if "image_orders=4" in sets:  # the model has the 3 order markers past the tokenizer's ids
+        from model.checkpoint import load_pretrained
+        from sample.classify import trained_orders
+
+        loaded = load_pretrained(killed)
+        assert trained_orders(loaded.model, loaded.tokenizer) == 4
 
 
 def test_two_ddp_processes_stay_in_sync(tiny_artifacts, tmp_path):

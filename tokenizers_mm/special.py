@@ -3,6 +3,8 @@
 They take the first ids of the vocabulary, in this order, in every tokenizer the project trains,
 so `PAD_ID == 0` etc. hold everywhere and tests can rely on them.
 """
+import numpy as np
+
 PAD = "<pad>"  # padding; never a training target
 BOS = "<bos>"  # start of a sequence
 EOS = "<eos>"  # end of a sequence
@@ -15,3 +17,26 @@ EOM = "<eom>"  # end of the infilled span
 
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, BOI, EOI, BREAK, MASK, INFILL, EOM)
 PAD_ID, BOS_ID, EOS_ID, BOI_ID, EOI_ID, BREAK_ID, MASK_ID, INFILL_ID, EOM_ID = range(len(SPECIAL_TOKENS))
+
+# Image token orders (train.sequences.SequenceConfig.image_orders). An image is written in raster
+# order, or, in a model trained with image_orders = K > 1, in order k < K flagged by the marker id
+# `order_marker(k, vocab_size)` right after <boi>: ids past the tokenizer's own, which only such a
+# model has. The orders of a g×g code grid as (transpose, reverse): raster, reverse raster
+# (bottom-right first), column-major, reverse column-major.
+ORDERS: tuple[tuple[bool, bool], ...] = ((False, False), (False, True), (True, False), (True, True))
+
+
+def image_order(k: int, grid: int) -> np.ndarray:
+    """Order k as a permutation: codes_in_order_k = codes[image_order(k, grid)] for codes in
+    raster order (G = grid² of them)."""
+    transpose, reverse = ORDERS[k]
+    idx = np.arange(grid * grid).reshape(grid, grid)
+    idx = (idx.T if transpose else idx).reshape(-1)
+    return idx[::-1].copy() if reverse else idx
+
+
+def order_marker(k: int, vocab_size: int) -> int:
+    """The id that flags order k > 0 after <boi>, for a tokenizer of vocab_size ids."""
+    if not 0 < k < len(ORDERS):
+        raise ValueError(f"order markers exist for orders 1..{len(ORDERS) - 1}, got {k}")
+    return vocab_size + k - 1

@@ -21,7 +21,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from tokenizers_mm.special import BOI_ID, BOS_ID, BREAK_ID, EOI_ID, EOM_ID, EOS_ID, INFILL_ID, MASK_ID, PAD_ID
+from tokenizers_mm.special import (BOI_ID, BOS_ID, BREAK_ID, EOI_ID, EOM_ID, EOS_ID, INFILL_ID, MASK_ID, ORDERS, PAD_ID,
+                                   image_order, order_marker)
 from train.shards import ShardSegment
 
 IGNORE = -100  # target value the loss skips (padding, document ends)
@@ -71,26 +72,12 @@ class SequenceConfig:
             raise ValueError("image_orders > 1 needs order_marker_base: the tokenizer's vocab_size")
 
 
-# the orders of a g×g code grid, as (transpose, reverse): raster, reverse raster (bottom-right
-# first), column-major, reverse column-major
-ORDERS: tuple[tuple[bool, bool], ...] = ((False, False), (False, True), (True, False), (True, True))
-
-
-def image_order(k: int, grid: int) -> np.ndarray:
-    """Order k as a permutation: codes_in_order_k = codes[image_order(k, grid)] for codes in
-    raster order (G = grid² of them)."""
-    transpose, reverse = ORDERS[k]
-    idx = np.arange(grid * grid).reshape(grid, grid)
-    idx = (idx.T if transpose else idx).reshape(-1)
-    return idx[::-1].copy() if reverse else idx
-
-
 def ordered_image_block(codes: np.ndarray, k: int, marker_base: int) -> np.ndarray:
     """<boi> [marker_k] codes in order k <eoi>; order 0 (raster) is `image_block`'s layout."""
     grid = int(round(len(codes) ** 0.5))
     if grid * grid != len(codes):
         raise ValueError(f"image orders need a square code grid; got {len(codes)} codes")
-    head = [BOI_ID] if k == 0 else [BOI_ID, marker_base + k - 1]
+    head = [BOI_ID] if k == 0 else [BOI_ID, order_marker(k, marker_base)]
     return np.concatenate([head, np.asarray(codes)[image_order(k, grid)], [EOI_ID]]).astype(np.int64)
 
 
