@@ -149,6 +149,23 @@ def image_codes(tokenizer: MultimodalTokenizer, images: Sequence[Image.Image] | 
     return codes + tokenizer.image_offset
 
 
+def trained_orders(model: Transformer, tokenizer: MultimodalTokenizer) -> int:
+    """How many image orders the model was trained with (train.sequences.SequenceConfig.image_orders):
+    their markers are the ids it has past the tokenizer's."""
+    return max(1, min(len(special.ORDERS), model.config.vocab_size - tokenizer.vocab_size + 1))
+
+
+def in_order(model: Transformer, tokenizer: MultimodalTokenizer, x: Tensor, order: int) -> tuple[list[int], Tensor]:
+    """Image ids (N, G) in raster order -> (the ids after <boi> that announce `order`, the ids in
+    that order); order 0 is raster order with no marker."""
+    if not order:
+        return [], x
+    if not 0 < order < trained_orders(model, tokenizer):
+        raise ValueError(f"image order {order} needs a model trained with image_orders > {order}; this one has "
+                         f"{trained_orders(model, tokenizer)}")
+    return [order_marker(order, tokenizer.vocab_size)], x[:, torch.from_numpy(image_order(order, tokenizer.grid))]
+
+
 @torch.no_grad()
 def image_loglik(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequence[Image.Image] | Tensor,
                  captions: Sequence[str], *, batch_rows: int = 160, bf16: bool | None = None,
@@ -163,13 +180,7 @@ def image_loglik(model: Transformer, tokenizer: MultimodalTokenizer, images: Seq
     x = image_codes(tokenizer, images)  # (N, G)
     N, G = x.shape
     C = len(captions)
-    marker = []
-    if order:
-        if not 0 < order < trained_orders(model, tokenizer):
-            raise ValueError(f"image order {order} needs a model trained with image_orders > {order}; this one has "
-                             f"{trained_orders(model, tokenizer)}")
-        marker = [order_marker(order, tokenizer.vocab_size)]
-        x = x[:, torch.from_numpy(image_order(order, tokenizer.grid))]
+    marker, x = in_order(model, tokenizer, x, order)
     prompts = [[special.BOS_ID, *tokenizer.encode_text(c), special.BOI_ID, *marker] for c in captions]
     state, first, key_valid = _prefill(model, prompts, batch_rows, G, bf16)
     per_chunk = max(1, batch_rows // C)
@@ -202,10 +213,6 @@ def image_loglik(model: Transformer, tokenizer: MultimodalTokenizer, images: Seq
     return result
 
 
-def trained_orders(model: Transformer, tokenizer: MultimodalTokenizer) -> int:
-    """How many image orders the model was trained with (train.sequences.SequenceConfig.image_orders):
-    their markers are the ids it has past the tokenizer's."""
-    return max(1, min(len(special.ORDERS), model.config.vocab_size - tokenizer.vocab_size + 1))
 
 
 @torch.no_grad()
@@ -320,10 +327,7 @@ def naive_scores(model: Transformer, tokenizer: MultimodalTokenizer, images: Seq
                  order: int = 0) -> Tensor:
     """The reference: one full forward pass per (image, caption) pair, no cache, no batching.
     order: the image direction in image order k behind its marker (see image_loglik)."""
-    x = image_codes(tokenizer, images)
-    marker = [order_marker(order, tokenizer.vocab_size)] if order else []
-    if order:
-        x = x[:, torch.from_numpy(image_order(order, tokenizer.grid))]
+    marker, x = in_order(model, tokenizer, image_codes(tokenizer, images), order if direction == "image" else 0)
     out = torch.empty(len(x), len(captions))
     for j in range(len(x)):
         for c, cap in enumerate(captions):
