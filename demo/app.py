@@ -321,7 +321,8 @@ def build_demo(mm: MultimodalModel, limits: DemoLimits = DemoLimits(), workdir: 
         template = (template or "").strip() or "{}"
         prior = parse_prior(prior_text, len(labels)) if len(labels) > 1 else None
         with lock, user_errors():
-            result = classify(mm.model, mm.tokenizer, [img], labels, [template], prior=prior, mode=mode)
+            result = classify(mm.model, mm.tokenizer, [img], labels, [template], prior=prior, mode=mode,
+                              bank=mm.bank_for(None), k=mm.retrieval_k)  # as trained: retrieval where it was
         post = [float(p) for p in result.posterior[0]]
         top = result.predictions[0]
         frame = pd.DataFrame({"label": labels, "posterior": post})

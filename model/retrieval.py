@@ -810,6 +810,15 @@ class RetrievalBank(NamedTuple):
                              "different `make tokenize` runs — re-run it")
         return cls(retriever, index, documents)
 
+    @torch.no_grad()
+    def search_documents(self, texts: Sequence[Sequence[Sequence[int]]], images: Sequence[Sequence[Image.Image] | torch.Tensor],
+                         k: int) -> SearchResult:
+        """The k bank entries closest to each query document, best first: queries embedded as the
+        bank's documents are (`Retriever.embed_documents`: text, images, or both)."""
+        if not 1 <= k <= 64:
+            raise ValueError(f"k must be between 1 and 64, got {k}")
+        return self.index.search(self.retriever.embed_documents(texts, images), min(k, len(self.index)))
+
 
 __all__ = [
     "RetrieverConfig", "RETRIEVER_PRESETS", "retriever_preset", "Retriever", "clip_loss", "siglip_loss",

@@ -113,20 +113,25 @@ class MultimodalModel:
         if self.bank is None:
             raise ValueError("this checkpoint has no retriever/ folder: it cannot retrieve (train with a "
                              "`make tokenize` output that includes the retriever)")
-        if not 1 <= k <= 64:
-            raise ValueError(f"k must be between 1 and 64, got {k}")
         doc = self._document(prompt)
         texts = [t for t in (self.tokenizer.encode_text(x) for x in doc.texts if x.strip()) if t]
         if not texts and not doc.images:
             raise ValueError("the prompt is empty: give some text or an image to retrieve with")
-        query = self.bank.retriever.embed_documents([texts], [doc.images])
-        found = self.bank.index.search(query, min(k, len(self.bank.index)))
+        found = self.bank.search_documents([texts], [doc.images], k)
         out = []
         for score, i in zip(found.scores[0].tolist(), found.ids[0].tolist()):
             if i >= 0:
                 ids = self.bank.documents[i]
                 out.append(Retrieved(float(score), self.tokenizer.decode(ids), int(i), ids))
         return out
+
+    def bank_for(self, retrieve: bool | None) -> RetrievalBank | None:
+        """The bank to retrieve from, or None: `retrieve` None means on exactly when the model was
+        trained with retrieval; True needs a checkpoint with a retriever/ folder."""
+        use = self.trained_with_retrieval if retrieve is None else bool(retrieve)
+        if use and self.bank is None:
+            raise ValueError("retrieve=True, but this checkpoint has no retriever/ folder; pass retrieve=False")
+        return self.bank if use else None
 
     @property
     def context(self) -> int:
@@ -184,9 +189,7 @@ class MultimodalModel:
             max_new_tokens = tok.image_tokens + 1 if next == "image" else (64 if next == "text" else 4 * (tok.image_tokens + 2) + 64)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-        use = self.trained_with_retrieval if retrieve is None else bool(retrieve)
-        if use and self.bank is None:
-            raise ValueError("retrieve=True, but this checkpoint has no retriever/ folder; pass retrieve=False")
+        use = self.bank_for(retrieve) is not None
         own = self.prompt_ids(prompt, next)
         if len(own) <= 1 and next == "text":
             raise ValueError("the prompt is empty: give some text or an image to continue from")
@@ -195,7 +198,7 @@ class MultimodalModel:
         # the worst neighbours go first when the context is short: the prompt is never cut for them
         while retrieved and 1 + sum(len(r.ids) + 1 for r in retrieved) + len(own) - 1 > self.context - max_new_tokens:
             retrieved.pop()
-        prefix = [t for r in reversed(retrieved) for t in (*r.ids, special.BREAK_ID)]
+        prefix = special.retrieved_prefix([r.ids for r in retrieved])
         ids = self._fit([special.BOS_ID, *prefix, *own[1:]], max_new_tokens)
         # the guidance stream sees no prompt content, as a caption-dropped training sequence
         uncond = [special.BOS_ID] + ([special.BOI_ID] if ids[-1] == special.BOI_ID else [])

@@ -13,6 +13,10 @@ experts over copies the model should find equally likely. It costs V× the time 
 variance of the model's per-image likelihood (digits p(x|c): 62.5% → 70.6% at V=9 on the default
 model, 2026-12-04; see README).
 
+Retrieval (RA-CM3), for models trained with it: `classify(bank=...)` reads each class caption
+behind the k bank documents the retriever finds for the caption, and each image behind those it
+finds for the image, `<bos> d_k <break> ... d_1 <break> prompt` as in training (`retrieved_context`).
+
 Efficiency: every class prompt is prefilled once and its KV cache repeated along the batch for
 all images (`cache_state` / `load_cache_state`), and in the text direction each image's prefix is
 prefilled once and shared by all class captions. `naive_scores` is the per-class, per-image
@@ -29,6 +33,7 @@ from PIL import Image
 from torch import Tensor
 
 from model.precision import bf16_pays
+from model.retrieval import RetrievalBank
 from model.transformer import CacheState, Transformer
 from sample.bayes import check_prior, check_weights, combine_directions, ensemble_templates, fit_direction_weights, posterior
 from sample.generate import left_pad
@@ -50,6 +55,10 @@ class Classification:
     text_loglik: Tensor | None  # (N, C) log p(caption_c | x), if computed
     mode: str
     views: int = 1
+    # with retrieval (classify(bank=...)): the documents read before each class caption (image
+    # direction), keyed by caption, and before each image (text direction; its first view)
+    caption_neighbours: dict[str, list["Neighbour"]] | None = None
+    image_neighbours: list[list["Neighbour"]] | None = None
 
     @property
     def predictions(self) -> list[str]:
@@ -166,22 +175,65 @@ def in_order(model: Transformer, tokenizer: MultimodalTokenizer, x: Tensor, orde
     return [order_marker(order, tokenizer.vocab_size)], x[:, torch.from_numpy(image_order(order, tokenizer.grid))]
 
 
+def _check_context(context: Sequence[Sequence[int]] | None, n: int, what: str) -> list[list[int]]:
+    if context is None:
+        return [[] for _ in range(n)]
+    if len(context) != n:
+        raise ValueError(f"context needs one id list per {what} ({n}), got {len(context)}")
+    return [list(map(int, c)) for c in context]
+
+
+@dataclass
+class Neighbour:
+    """A bank document read before a prompt (RA-CM3): its bank entry and retriever score."""
+
+    id: int
+    score: float
+
+
+def retrieved_context(bank: RetrievalBank, texts: Sequence[str] | None, images: Sequence[Image.Image] | None,
+                      tokenizer: MultimodalTokenizer, k: int, room: Sequence[int]) -> tuple[list[list[int]], list[list[Neighbour]]]:
+    """For each query (a caption in `texts`, or an image in `images`) the k bank documents the
+    retriever finds closest, as the ids to read before the prompt (`special.retrieved_prefix`, the
+    layout of training) and as Neighbours, best first. The worst are dropped while the context is
+    longer than room[q] tokens: the prompt is never cut for them (as in training and generation)."""
+    if (texts is None) == (images is None):
+        raise ValueError("retrieve with captions or with images, one of the two")
+    if texts is not None:
+        found = bank.search_documents([[tokenizer.encode_text(t)] for t in texts], [[] for _ in texts], k)
+    else:
+        found = bank.search_documents([[] for _ in images], [[im] for im in images], k)
+    contexts, kept = [], []
+    for q, (scores, ids) in enumerate(zip(found.scores.tolist(), found.ids.tolist())):
+        near = [Neighbour(int(i), float(s)) for s, i in zip(scores, ids) if i >= 0]
+        docs = [bank.documents[nb.id] for nb in near]
+        while docs and sum(len(d) + 1 for d in docs) > room[q]:
+            docs.pop(), near.pop()
+        contexts.append(special.retrieved_prefix(docs))
+        kept.append(near)
+    return contexts, kept
+
+
 @torch.no_grad()
 def image_loglik(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequence[Image.Image] | Tensor,
                  captions: Sequence[str], *, batch_rows: int = 160, bf16: bool | None = None,
-                 prune_after: int | None = None, keep: int = 3, order: int = 0) -> Tensor:
+                 prune_after: int | None = None, keep: int = 3, order: int = 0,
+                 context: Sequence[Sequence[int]] | None = None) -> Tensor:
     """log p(x | caption_c) for every image and caption: (N, C).
 
     prune_after=K: score the first K codes under every caption, then finish only the `keep` best
     captions per image; pruned captions get -inf (their exact score is not computed).
     order: read the codes in image order k behind its marker (tokenizers_mm.special.image_order),
     for a model trained with more than k orders (`trained_orders`); 0 is raster order.
+    context: per caption, ids read between <bos> and the caption, e.g. its retrieved documents
+    (`retrieved_context`); the prompt becomes `<bos> context caption <boi>`.
     """
     x = image_codes(tokenizer, images)  # (N, G)
     N, G = x.shape
     C = len(captions)
     marker, x = in_order(model, tokenizer, x, order)
-    prompts = [[special.BOS_ID, *tokenizer.encode_text(c), special.BOI_ID, *marker] for c in captions]
+    context = _check_context(context, C, "caption")
+    prompts = [[special.BOS_ID, *ctx, *tokenizer.encode_text(c), special.BOI_ID, *marker] for c, ctx in zip(captions, context)]
     state, first, key_valid = _prefill(model, prompts, batch_rows, G, bf16)
     per_chunk = max(1, batch_rows // C)
 
@@ -217,12 +269,16 @@ def image_loglik(model: Transformer, tokenizer: MultimodalTokenizer, images: Seq
 
 @torch.no_grad()
 def text_loglik(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequence[Image.Image] | Tensor,
-                captions: Sequence[str], *, batch_rows: int = 160, bf16: bool | None = None) -> Tensor:
+                captions: Sequence[str], *, batch_rows: int = 160, bf16: bool | None = None,
+                context: Sequence[Sequence[int]] | None = None) -> Tensor:
     """log p(caption_c <eos> | image) for every image and caption: (N, C). Each image's prefix
-    `<bos> <boi> codes <eoi>` is prefilled once and shared by all captions."""
+    `<bos> <boi> codes <eoi>` is prefilled once and shared by all captions.
+    context: per image, ids read between <bos> and the image, e.g. its retrieved documents
+    (`retrieved_context`)."""
     x = image_codes(tokenizer, images)
     N, G = x.shape
     C = len(captions)
+    context = _check_context(context, N, "image")
     caps = [tokenizer.encode_text(c) + [special.EOS_ID] for c in captions]
     Lc = max(len(c) for c in caps)
     targets = torch.full((C, Lc), -1, dtype=torch.long)
@@ -233,7 +289,7 @@ def text_loglik(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequ
     try:
         for j in range(0, N, per_chunk):
             n = min(per_chunk, N - j)
-            prefixes = [[special.BOS_ID, special.BOI_ID, *x[i].tolist(), special.EOI_ID] for i in range(j, j + n)]
+            prefixes = [[special.BOS_ID, *context[i], special.BOI_ID, *x[i].tolist(), special.EOI_ID] for i in range(j, j + n)]
             state, first, key_valid = _prefill(model, prefixes, max(batch_rows, n * C), Lc, bf16)
             rows = torch.arange(n).repeat_interleave(C)
             result[j : j + n] = _continue_logp(model, state, first, key_valid, rows, targets.repeat(n, 1), bf16).sum(-1).view(n, C)
@@ -245,7 +301,8 @@ def text_loglik(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequ
 def classify(model: Transformer | Sequence[Transformer], tokenizer: MultimodalTokenizer, images: Sequence[Image.Image] | Tensor,
              labels: Sequence[str], templates: Sequence[str] = ("{}",), *, prior: Sequence[float] | Tensor | None = None,
              mode: Mode = "both", views: int = 1, bf16: bool | None = None, prune_after: int | None = None,
-             keep: int = 3, weights: tuple[float, float] = (1.0, 1.0), orders: int | None = None) -> Classification:
+             keep: int = 3, weights: tuple[float, float] = (1.0, 1.0), orders: int | None = None,
+             bank: RetrievalBank | None = None, k: int = 2) -> Classification:
     """Posterior over `labels` for each image by Bayes' rule.
 
     templates: prompt templates with {} for the label; their likelihoods are combined by
@@ -262,6 +319,10 @@ def classify(model: Transformer | Sequence[Transformer], tokenizer: MultimodalTo
     56% to 78%). M models cost M× the time.
     prior: None (uniform) or C probabilities. bf16: autocast; None = where bf16 is native (AMX,
     AVX512-BF16), float32 elsewhere.
+    bank: retrieval augmentation (RA-CM3), for models trained with it: each class caption is
+    read behind the k bank documents the retriever finds for it (image direction), each image
+    behind the k found for the image (text direction), in the layout of training; the worst are
+    dropped where the context is short. The result lists them (caption_neighbours, image_neighbours).
     """
     labels = list(labels)
     check_labels(labels, templates)
@@ -290,12 +351,31 @@ def classify(model: Transformer | Sequence[Transformer], tokenizer: MultimodalTo
         images = [v[k] for k in range(views) for v in per_image]  # view-major: (V·N)
     codes = image_codes(tokenizer, images) - tokenizer.image_offset  # encode once for every template
     n = len(codes) // views
+    captions = {t: [t.format(l) for l in labels] for t in templates}
+    contexts: dict[str, list[list[int]]] = {}  # per template (image direction) and "" (text direction)
+    caption_nb: dict[str, list[Neighbour]] | None = None
+    image_nb: list[list[Neighbour]] | None = None
+    if bank is not None:
+        block, G = min(m.config.block_size for m in models), codes.shape[1]
+        marker = 1 if orders > 1 else 0
+        caption_nb = {}
+        if mode in ("image", "both"):
+            for t, caps in captions.items():
+                room = [block - (len(tokenizer.encode_text(c)) + 2 + marker + G) for c in caps]
+                contexts[t], found = retrieved_context(bank, caps, None, tokenizer, k, room)
+                caption_nb.update(zip(caps, found))
+        if mode in ("text", "both"):
+            longest = max(len(tokenizer.encode_text(c)) for caps in captions.values() for c in caps)
+            pil = tokenizer.decode_images(codes) if isinstance(images, Tensor) else list(images)
+            contexts[""], found = retrieved_context(bank, None, pil, tokenizer, k, [block - (G + 4 + longest)] * len(pil))
+            image_nb = found[:n]
 
     def combine(per_template: list[Tensor]) -> Tensor:  # T × (V·N, C) -> (N, C)
         return ensemble_templates(torch.stack(per_template)).view(views, n, -1).mean(0)
 
     def direction(loglik, **kw) -> Tensor:  # one direction's (N, C) log-score, averaged over the models
-        return torch.stack([combine([loglik(m, tokenizer, codes, [t.format(l) for l in labels], bf16=bf16, **kw)
+        key = (lambda t: t) if loglik is image_loglik else (lambda t: "")
+        return torch.stack([combine([loglik(m, tokenizer, codes, captions[t], bf16=bf16, context=contexts.get(key(t)), **kw)
                                      for t in templates]) for m in models]).mean(0)
 
     def image_direction() -> Tensor:  # averaged over the image orders too
@@ -305,38 +385,43 @@ def classify(model: Transformer | Sequence[Transformer], tokenizer: MultimodalTo
     img_ll = image_direction() if mode in ("image", "both") else None
     txt_ll = direction(text_loglik) if mode in ("text", "both") else None
     score = img_ll if txt_ll is None else txt_ll if img_ll is None else combine_directions(img_ll, txt_ll, weights)
-    return Classification(labels, posterior(score, p), score, img_ll, txt_ll, mode, views)
+    return Classification(labels, posterior(score, p), score, img_ll, txt_ll, mode, views, caption_nb, image_nb)
 
 
 def calibrate_directions(model: Transformer | Sequence[Transformer], tokenizer: MultimodalTokenizer, images: Sequence[Image.Image],
                          truth: Sequence[int], labels: Sequence[str], templates: Sequence[str] = ("{}",), *,
-                         views: int = 1, bf16: bool | None = None, orders: int | None = None) -> tuple[tuple[float, float], Classification]:
+                         views: int = 1, bf16: bool | None = None, orders: int | None = None,
+                         bank: RetrievalBank | None = None, k: int = 2) -> tuple[tuple[float, float], Classification]:
     """Direction weights (image, text) for "both", fitted on labelled images of the task
     (truth[i] indexes labels): both directions are scored as `classify` would with these templates,
-    views and orders, then sample.bayes.fit_direction_weights. Returns the weights and the scores."""
+    views, orders and retrieval, then sample.bayes.fit_direction_weights. Returns the weights and the scores."""
     if len(images) != len(truth) or len(images) < 2:
         raise ValueError(f"calibration needs at least two labelled images, one label each; got {len(images)} "
                          f"images and {len(truth)} labels")
-    scored = classify(model, tokenizer, images, labels, templates, mode="both", views=views, bf16=bf16, orders=orders)
+    scored = classify(model, tokenizer, images, labels, templates, mode="both", views=views, bf16=bf16, orders=orders,
+                      bank=bank, k=k)
     return fit_direction_weights(scored.image_loglik, scored.text_loglik, torch.as_tensor(list(truth))), scored
 
 
 @torch.no_grad()
 def naive_scores(model: Transformer, tokenizer: MultimodalTokenizer, images: Sequence[Image.Image] | Tensor,
                  captions: Sequence[str], direction: Literal["image", "text"] = "image", bf16: bool = False,
-                 order: int = 0) -> Tensor:
+                 order: int = 0, context: Sequence[Sequence[int]] | None = None) -> Tensor:
     """The reference: one full forward pass per (image, caption) pair, no cache, no batching.
-    order: the image direction in image order k behind its marker (see image_loglik)."""
+    order: the image direction in image order k behind its marker (see image_loglik).
+    context: ids after <bos>, per caption (image direction) or per image (text direction)."""
     marker, x = in_order(model, tokenizer, image_codes(tokenizer, images), order if direction == "image" else 0)
+    per_caption = _check_context(context if direction == "image" else None, len(captions), "caption")
+    per_image = _check_context(context if direction == "text" else None, len(x), "image")
     out = torch.empty(len(x), len(captions))
     for j in range(len(x)):
         for c, cap in enumerate(captions):
             text = tokenizer.encode_text(cap)
             if direction == "image":
-                seq = [special.BOS_ID, *text, special.BOI_ID, *marker, *x[j].tolist()]
-                start = len(text) + 2 + len(marker)
+                seq = [special.BOS_ID, *per_caption[c], *text, special.BOI_ID, *marker, *x[j].tolist()]
+                start = len(seq) - x.shape[1]
             else:
-                seq = [special.BOS_ID, special.BOI_ID, *x[j].tolist(), special.EOI_ID, *text, special.EOS_ID]
+                seq = [special.BOS_ID, *per_image[j], special.BOI_ID, *x[j].tolist(), special.EOI_ID, *text, special.EOS_ID]
                 start = len(seq) - len(text) - 1
             ids = torch.tensor([seq])
             with _autocast(bf16):

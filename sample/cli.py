@@ -223,21 +223,39 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if not 1 <= orders <= most:  # refused before any scoring
         raise ValueError(f"--orders must be between 1 and {most} (the image orders the checkpoints were trained "
                          f"with), got {orders}")
+    # auto: retrieve when every checkpoint was trained with retrieval (one bank serves them all)
+    retrieve = {"auto": all(m.trained_with_retrieval for m in loaded), "on": True, "off": False}[args.retrieval]
+    bank = mm.bank_for(retrieve)
+    k = mm.retrieval_k if args.k is None else args.k
+    if bank is not None and not 1 <= k <= 64:
+        raise ValueError(f"--k must be between 1 and 64, got {k}")
     if args.calibrate:
         examples, truth = read_labelled_folder(args.calibrate, labels, mm.tokenizer.image_size)
         weights, scored = calibrate_directions(models, mm.tokenizer, examples, truth, labels, templates, views=args.views,
-                                               orders=orders)
+                                               orders=orders, bank=bank, k=k)
         print(f"calibrated on {len(examples)} labelled images: --weights {weights[0]:.4g},{weights[1]:.4g} "
               f"(accuracy on them: image {_accuracy(scored.image_loglik, truth):.3f}, text "
               f"{_accuracy(scored.text_loglik, truth):.3f}, both weighted "
               f"{_accuracy(combine_directions(scored.image_loglik, scored.text_loglik, weights), truth):.3f})", file=sys.stderr)
     out = classify(models, mm.tokenizer, images, labels, templates, prior=prior, mode=args.mode, views=args.views,
-                   weights=weights, orders=orders)
+                   weights=weights, orders=orders, bank=bank, k=k)
+
+    def shown(found) -> list[dict]:  # retrieved bank documents: id, score and their text
+        return [{"id": nb.id, "score": round(nb.score, 6), "text": " ".join(mm.tokenizer.decode(bank.documents[nb.id]).texts)}
+                for nb in found]
+
+    if bank is not None and not args.json:
+        for caption, found in (out.caption_neighbours or {}).items():
+            print(f"retrieved for {caption!r}: " + ", ".join(f"{d['id']} ({d['score']:.3f})" for d in shown(found)), file=sys.stderr)
     for i, path in enumerate(args.images):
         post = {l: round(float(p), 6) for l, p in zip(labels, out.posterior[i])}
         ll = {l: round(float(v), 4) for l, v in zip(labels, out.loglik[i])}
         if args.json:
-            print(json.dumps({"image": path, "prediction": out.predictions[i], "posterior": post, "loglik": ll}))
+            row = {"image": path, "prediction": out.predictions[i], "posterior": post, "loglik": ll}
+            if bank is not None:  # what the model read before the prompts
+                row["retrieved"] = {"image": shown(out.image_neighbours[i]) if out.image_neighbours else [],
+                                    "captions": {c: shown(f) for c, f in (out.caption_neighbours or {}).items()}}
+            print(json.dumps(row))
         else:
             top = sorted(post.items(), key=lambda kv: -kv[1])[:3]
             print(f"{path}\t{out.predictions[i]}\t" + "  ".join(f"{l}={p:.3f}" for l, p in top))
@@ -299,7 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--orders", type=int, default=None,
                    help="average p(x|c) over this many image token orders (a model trained with image_orders > 1; "
                         "default: every order the checkpoints were trained with, 1 for raster-only models)")
-    c.add_argument("--json", action="store_true", help="one JSON object per image")
+    c.add_argument("--retrieval", default="auto", choices=["auto", "on", "off"],
+                   help="read each class caption and each image behind the documents the retriever finds for it "
+                        "(auto: if every checkpoint was trained with retrieval)")
+    c.add_argument("--k", type=int, default=None, help="documents to retrieve (default: the training maximum)")
+    c.add_argument("--json", action="store_true",
+                   help="one JSON object per image (with retrieval: the documents read, under \"retrieved\")")
     c.add_argument("--compile", action="store_true",
                    help="torch.compile the scoring forward (about a minute once, then ~1.8x faster under bf16): "
                         "pays off for hundreds of images, not for a few")

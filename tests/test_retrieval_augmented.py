@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, env
+from tokenizers_mm import special
 from tokenizers_mm.special import BOI_ID, BOS_ID, BREAK_ID, EOI_ID, EOS_ID
 from train.pipeline import PackedRows, load_neighbours, retrieval_eval_rows
 from train.sequences import IGNORE, SequenceConfig, build_sequence, neighbour_tokens, with_neighbours
@@ -229,3 +230,78 @@ def test_a_retrieval_run_logs_held_out_nll_with_and_without_retrieval(tiny_ra_ru
     for key in ("eval_image_nll", "eval_c2i_image_nll", "eval_ra_image_nll", "eval_ra_text_nll"):
         assert np.isfinite(last[key]) and last[key] > 0, key
     assert last["eval_ra_image_nll"] != last["eval_c2i_image_nll"]  # neighbours reached the model
+
+
+# ------------------------------------------------------------------ classification with retrieval
+
+
+def _digits(n: int):
+    from train.data.digits import digits_documents
+
+    return [d.images[0] for d in digits_documents("eval")[:n]]
+
+
+def test_classification_reads_retrieved_documents_as_the_naive_loop_does(ra_model):
+    from sample.classify import classify, naive_scores
+
+    mm, images = ra_model, _digits(2)
+    labels, template = ["one", "two", "three"], "a handwritten digit {}"
+    captions = [template.format(l) for l in labels]
+    out = classify(mm.model, mm.tokenizer, images, labels, [template], mode="both", bank=mm.bank, k=2)
+    # the neighbours are the bank's best for each caption and for each image, best first
+    assert list(out.caption_neighbours) == captions
+    for caption, found in out.caption_neighbours.items():
+        assert [nb.id for nb in found] == [r.id for r in mm.retrieve(caption, 2)]
+    for image, found in zip(images, out.image_neighbours):
+        assert [nb.id for nb in found] == [r.id for r in mm.retrieve([image], 2)]
+        assert found[0].score >= found[1].score
+    # the scores are those of full forward passes over `<bos> d_2 <break> d_1 <break> prompt ...`
+    per_caption = [special.retrieved_prefix([mm.bank.documents[nb.id] for nb in out.caption_neighbours[c]]) for c in captions]
+    per_image = [special.retrieved_prefix([mm.bank.documents[nb.id] for nb in found]) for found in out.image_neighbours]
+    assert all(ctx.count(BREAK_ID) == 2 for ctx in per_caption + per_image)
+    naive_img = naive_scores(mm.model, mm.tokenizer, images, captions, "image", context=per_caption)
+    naive_txt = naive_scores(mm.model, mm.tokenizer, images, captions, "text", context=per_image)
+    assert torch.allclose(out.image_loglik, naive_img, atol=2e-3, rtol=1e-4)
+    assert torch.allclose(out.text_loglik, naive_txt, atol=2e-3, rtol=1e-4)
+    # and the retrieved documents change them: the model reads its context
+    off = classify(mm.model, mm.tokenizer, images, labels, [template], mode="both")
+    assert off.caption_neighbours is None and off.image_neighbours is None
+    assert not torch.allclose(off.image_loglik, out.image_loglik, atol=1e-2)
+
+
+def test_classification_drops_the_worst_neighbours_where_the_context_is_short(ra_model):
+    from sample.classify import classify, image_loglik
+
+    mm, images = ra_model, _digits(1)
+    out = classify(mm.model, mm.tokenizer, images, ["seven", "eight"], ["a handwritten digit {}"], mode="image",
+                   bank=mm.bank, k=4)
+    assert out.image_neighbours is None  # the text direction was not scored: nothing retrieved for it
+    block, G = mm.model.config.block_size, mm.tokenizer.image_tokens
+    for caption, found in out.caption_neighbours.items():
+        full = [r.id for r in mm.retrieve(caption, 4)]
+        assert 1 <= len(found) < 4 and [nb.id for nb in found] == full[: len(found)]  # the best kept, in order
+        context = special.retrieved_prefix([mm.bank.documents[nb.id] for nb in found])
+        assert 1 + len(context) + len(mm.tokenizer.encode_text(caption)) + 1 + G <= block
+    with pytest.raises(ValueError, match="one id list per caption"):
+        image_loglik(mm.model, mm.tokenizer, images, ["a", "b"], context=[[5]])
+
+
+def test_the_classify_cli_retrieves_for_a_model_trained_with_retrieval_and_reports_it(tiny_ra_run, tiny_run, tmp_path, capsys):
+    from sample.cli import main
+
+    path = tmp_path / "digit.png"
+    _digits(1)[0].save(path)
+    args = ["classify", "--labels", "zero,seven", "--template", "a handwritten digit {}", "--images", str(path),
+            "--views", "1", "--json"]
+    assert main([*args, "--ckpt", str(tiny_ra_run)]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    got = row["retrieved"]
+    assert len(got["image"]) == 2 and got["image"][0]["score"] >= got["image"][1]["score"]
+    assert set(got["captions"]) == {"a handwritten digit zero", "a handwritten digit seven"}
+    assert all(d["text"] for found in got["captions"].values() for d in found)
+    assert main([*args, "--ckpt", str(tiny_ra_run), "--retrieval", "off"]) == 0
+    assert "retrieved" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main([*args, "--ckpt", str(tiny_run)]) == 0  # trained without retrieval: auto is off
+    assert "retrieved" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main([*args, "--ckpt", str(tiny_ra_run), "--k", "0"]) == 2
+    assert "--k must be between 1 and 64" in capsys.readouterr().err

@@ -18,6 +18,13 @@ EOM = "<eom>"  # end of the infilled span
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, BOI, EOI, BREAK, MASK, INFILL, EOM)
 PAD_ID, BOS_ID, EOS_ID, BOI_ID, EOI_ID, BREAK_ID, MASK_ID, INFILL_ID, EOM_ID = range(len(SPECIAL_TOKENS))
 
+def retrieved_prefix(neighbours) -> list[int]:
+    """Retrieved documents (token id sequences, best first) as they are prepended right after
+    <bos>: `n_K <break> ... n_1 <break>`, the best next to the main document (RA-CM3, CM3Leon).
+    Training (train.sequences.with_neighbours), generation and classification all use this layout."""
+    return [int(t) for n in reversed(list(neighbours)) for t in (*n, BREAK_ID)]
+
+
 # Image token orders (train.sequences.SequenceConfig.image_orders). An image is written in raster
 # order, or, in a model trained with image_orders = K > 1, in order k < K flagged by the marker id
 # `order_marker(k, vocab_size)` right after <boi>: ids past the tokenizer's own, which only such a

@@ -21,8 +21,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from tokenizers_mm.special import (BOI_ID, BOS_ID, BREAK_ID, EOI_ID, EOM_ID, EOS_ID, INFILL_ID, MASK_ID, ORDERS, PAD_ID,
-                                   image_order, order_marker)
+from tokenizers_mm.special import (BOI_ID, BOS_ID, EOI_ID, EOM_ID, EOS_ID, INFILL_ID, MASK_ID, ORDERS, PAD_ID,
+                                   image_order, order_marker, retrieved_prefix)
 from train.shards import ShardSegment
 
 IGNORE = -100  # target value the loss skips (padding, document ends)
@@ -148,9 +148,9 @@ def with_neighbours(main: np.ndarray, neighbours: Sequence[np.ndarray], block_si
     body = main[1:]  # main without its <bos>
     while kept and 1 + sum(len(n) + 1 for n in kept) + len(body) > block_size + 1:
         kept.pop()  # the worst-ranked neighbour goes first
-    retrieved = [np.concatenate([n, [BREAK_ID]]) for n in reversed(kept)]
-    n_ret = sum(len(r) for r in retrieved)
-    ids = np.concatenate([[BOS_ID], *retrieved, body]).astype(np.int64)
+    retrieved = retrieved_prefix(kept)
+    n_ret = len(retrieved)
+    ids = np.concatenate([[BOS_ID], retrieved, body]).astype(np.int64)
     weights = np.ones(len(ids), np.float32)
     weights[1 : 1 + n_ret] = weight
     return ids, weights
