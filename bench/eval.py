@@ -236,6 +236,12 @@ def calibration_digits(quick: bool) -> list:
             for j in range(per) for digit in range(10)]
 
 
+def as_trained(mm: MultimodalModel) -> dict:
+    """classify's retrieval arguments as the CLI defaults them: the bank for a model trained with
+    retrieval (its documents read before captions and images), none otherwise."""
+    return {"bank": mm.bank_for(None), "k": mm.retrieval_k}
+
+
 def classify_digits(mm: MultimodalModel, quick: bool, retriever_dir: Path | None, out_dir: Path) -> dict:
     test = digits_data.digits_documents("eval")
     if quick:
@@ -255,9 +261,9 @@ def classify_digits(mm: MultimodalModel, quick: bool, retriever_dir: Path | None
     # "both_calibrated" weights the directions as fitted on labelled training digits
     for views in (1, VIEWS):
         sfx = "" if views == 1 else f"_views{views}"
-        c = classify(mm.model, mm.tokenizer, images, WORDS, DIGIT_TEMPLATES, mode="both", views=views)
+        c = classify(mm.model, mm.tokenizer, images, WORDS, DIGIT_TEMPLATES, mode="both", views=views, **as_trained(mm))
         weights, cal = calibrate_directions(mm.model, mm.tokenizer, cal_images, cal_y.tolist(), WORDS, DIGIT_TEMPLATES,
-                                            views=views)
+                                            views=views, **as_trained(mm))
         for mode, ll in (("image", c.image_loglik), ("text", c.text_loglik), ("both", c.loglik),
                          ("both_calibrated", combine_directions(c.image_loglik, c.text_loglik, weights))):
             res[mode + sfx] = read(posterior(ll))
@@ -265,8 +271,14 @@ def classify_digits(mm: MultimodalModel, quick: bool, retriever_dir: Path | None
         res["both_calibrated" + sfx]["calibration_images"] = len(calib)
         for name, cl in (("test", c), ("calibration", cal)):
             raw[f"{name}_image{sfx}"], raw[f"{name}_text{sfx}"] = cl.image_loglik.numpy(), cl.text_loglik.numpy()
+    res["retrieval"] = mm.bank_for(None) is not None  # as trained (the CLI's default)
+    if res["retrieval"]:  # the same model reading no retrieved documents, one view
+        c = classify(mm.model, mm.tokenizer, images, WORDS, DIGIT_TEMPLATES, mode="both")
+        for mode, ll in (("image", c.image_loglik), ("text", c.text_loglik), ("both", c.loglik)):
+            res[mode + "_no_retrieval"] = read(posterior(ll))
+        raw["test_image_no_retrieval"], raw["test_text_no_retrieval"] = c.image_loglik.numpy(), c.text_loglik.numpy()
     np.savez(out_dir / "classification_digits_scores.npz", **raw)  # per-image scores for offline analysis
-    one = classify(mm.model, mm.tokenizer, images, WORDS, DIGIT_TEMPLATES[:1], mode="image")
+    one = classify(mm.model, mm.tokenizer, images, WORDS, DIGIT_TEMPLATES[:1], mode="image", **as_trained(mm))
     res["image_one_template"] = {"accuracy": float((one.posterior.argmax(-1) == y).double().mean())}
     res["seconds"] = round(time.time() - t, 1)
     res["image_orders"] = trained_orders(mm.model, mm.tokenizer)  # p(x|c) averaged over them (classify's default)
@@ -291,10 +303,11 @@ def classify_shapes(mm: MultimodalModel, quick: bool) -> dict:
                      else [f"a {{}} {s}" for s in shapes_data.SHAPES])
         # one view: the shapes tasks have many templates, and whole-pixel shifts carry no news
         # about a colour or a shape drawn on a coarse grid
-        c = classify(mm.model, mm.tokenizer, [d.images[0] for d in sdocs], labels, templates, mode="both")
+        c = classify(mm.model, mm.tokenizer, [d.images[0] for d in sdocs], labels, templates, mode="both", **as_trained(mm))
         yy = torch.tensor([labels.index(d.meta["images"][0][0][key]) for d in sdocs])
         cal_yy = [labels.index(d.meta["images"][0][0][key]) for d in cdocs]
-        weights, _ = calibrate_directions(mm.model, mm.tokenizer, [d.images[0] for d in cdocs], cal_yy, labels, templates)
+        weights, _ = calibrate_directions(mm.model, mm.tokenizer, [d.images[0] for d in cdocs], cal_yy, labels, templates,
+                                          **as_trained(mm))
         sres[task] = {"n": len(sdocs), "calibration_images": len(cdocs), "weights": [round(w, 4) for w in weights]} | {
             f"accuracy_{mode}": float((ll.argmax(-1) == yy).double().mean())
             for mode, ll in (("image", c.image_loglik), ("text", c.text_loglik), ("both", c.loglik),
@@ -320,7 +333,7 @@ def robustness(mm: MultimodalModel, quick: bool, retriever_dir: Path | None) -> 
         ys = y[sub]
         row = {"corruption": kind, "level": level}
         for views in (1, ROBUST_VIEWS):
-            c = classify(mm.model, mm.tokenizer, imgs, WORDS, DIGIT_TEMPLATES[:2], mode="both", views=views)
+            c = classify(mm.model, mm.tokenizer, imgs, WORDS, DIGIT_TEMPLATES[:2], mode="both", views=views, **as_trained(mm))
             row["bayes_both" + ("" if views == 1 else f"_views{views}")] = float((c.posterior.argmax(-1) == ys).double().mean())
         row["logistic_regression"] = float(np.mean(np.array(logreg(imgs)) == ys.numpy()))
         if clip is not None:

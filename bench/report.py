@@ -102,7 +102,10 @@ def main() -> None:
             d = cl["digits"]
             rows = [[k, v.get("accuracy"), v.get("ece"), v.get("weights")] for k, v in d.items() if isinstance(v, dict)]
             out += ["### Zero-shot classification, digits test split", "",
-                    "`both_calibrated`: the directions weighted (image, text) as fitted on labelled training digits.", "",
+                    "`both_calibrated`: the directions weighted (image, text) as fitted on labelled training digits."
+                    + (" The model was trained with retrieval, so every scorer reads each caption and image behind "
+                       "its retrieved documents (`classify(bank=...)`, the CLI's default); `*_no_retrieval` rows read none."
+                       if d.get("retrieval") else ""), "",
                     table(["scorer", "accuracy", "ECE", "weights"], rows), ""]
             if "shapes" in cl:
                 out += ["### Zero-shot classification, shapes eval singles", "",

@@ -207,8 +207,9 @@ def retrieved_context(bank: RetrievalBank, texts: Sequence[str] | None, images: 
     for q, (scores, ids) in enumerate(zip(found.scores.tolist(), found.ids.tolist())):
         near = [Neighbour(int(i), float(s)) for s, i in zip(scores, ids) if i >= 0]
         docs = [bank.documents[nb.id] for nb in near]
-        while docs and sum(len(d) + 1 for d in docs) > room[q]:
-            docs.pop(), near.pop()
+        while docs and sum(len(d) + 1 for d in docs) > room[q]:  # the worst first
+            docs.pop()
+            near.pop()
         contexts.append(special.retrieved_prefix(docs))
         kept.append(near)
     return contexts, kept
