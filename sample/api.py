@@ -196,8 +196,7 @@ class MultimodalModel:
         doc = self._document(prompt)
         retrieved = self.retrieve(doc, k or self.retrieval_k) if use and (doc.images or "".join(doc.texts).strip()) else []
         # the worst neighbours go first when the context is short: the prompt is never cut for them
-        while retrieved and 1 + sum(len(r.ids) + 1 for r in retrieved) + len(own) - 1 > self.context - max_new_tokens:
-            retrieved.pop()
+        retrieved = retrieved[: special.neighbours_that_fit([r.ids for r in retrieved], self.context - max_new_tokens - len(own))]
         prefix = special.retrieved_prefix([r.ids for r in retrieved])
         ids = self._fit([special.BOS_ID, *prefix, *own[1:]], max_new_tokens)
         # the guidance stream sees no prompt content, as a caption-dropped training sequence

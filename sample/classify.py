@@ -207,11 +207,9 @@ def retrieved_context(bank: RetrievalBank, texts: Sequence[str] | None, images: 
     for q, (scores, ids) in enumerate(zip(found.scores.tolist(), found.ids.tolist())):
         near = [Neighbour(int(i), float(s)) for s, i in zip(scores, ids) if i >= 0]
         docs = [bank.documents[nb.id] for nb in near]
-        while docs and sum(len(d) + 1 for d in docs) > room[q]:  # the worst first
-            docs.pop()
-            near.pop()
-        contexts.append(special.retrieved_prefix(docs))
-        kept.append(near)
+        fit = special.neighbours_that_fit(docs, room[q])
+        contexts.append(special.retrieved_prefix(docs[:fit]))
+        kept.append(near[:fit])
     return contexts, kept
 
 

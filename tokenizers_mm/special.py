@@ -18,6 +18,18 @@ EOM = "<eom>"  # end of the infilled span
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, BOI, EOI, BREAK, MASK, INFILL, EOM)
 PAD_ID, BOS_ID, EOS_ID, BOI_ID, EOI_ID, BREAK_ID, MASK_ID, INFILL_ID, EOM_ID = range(len(SPECIAL_TOKENS))
 
+
+def neighbours_that_fit(neighbours, room: int) -> int:
+    """How many of the best-first retrieved documents to keep so that their `retrieved_prefix`
+    (each document and its <break>) takes at most `room` tokens: the worst are dropped first, and
+    the main document is never cut for them (training, generation and classification alike)."""
+    lengths = [len(n) + 1 for n in neighbours]
+    kept = len(lengths)
+    while kept and sum(lengths[:kept]) > room:
+        kept -= 1
+    return kept
+
+
 def retrieved_prefix(neighbours) -> list[int]:
     """Retrieved documents (token id sequences, best first) as they are prepended right after
     <bos>: `n_K <break> ... n_1 <break>`, the best next to the main document (RA-CM3, CM3Leon).

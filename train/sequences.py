@@ -22,7 +22,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from tokenizers_mm.special import (BOI_ID, BOS_ID, EOI_ID, EOM_ID, EOS_ID, INFILL_ID, MASK_ID, ORDERS, PAD_ID,
-                                   image_order, order_marker, retrieved_prefix)
+                                   image_order, neighbours_that_fit, order_marker, retrieved_prefix)
 from train.shards import ShardSegment
 
 IGNORE = -100  # target value the loss skips (padding, document ends)
@@ -144,10 +144,8 @@ def with_neighbours(main: np.ndarray, neighbours: Sequence[np.ndarray], block_si
     Returns (ids, weights): weights (L,) float32, `weight` on the retrieved part (its tokens and
     <break>s) and 1.0 on the main document, so the loss of target j is weighted weights[j].
     """
-    kept = list(neighbours)
     body = main[1:]  # main without its <bos>
-    while kept and 1 + sum(len(n) + 1 for n in kept) + len(body) > block_size + 1:
-        kept.pop()  # the worst-ranked neighbour goes first
+    kept = list(neighbours)[: neighbours_that_fit(neighbours, block_size - len(body))]
     retrieved = retrieved_prefix(kept)
     n_ret = len(retrieved)
     ids = np.concatenate([[BOS_ID], retrieved, body]).astype(np.int64)
