@@ -172,3 +172,25 @@ def test_source_weights_repeat_documents_of_a_source(tmp_path):
     assert len(weighted) == len(plain) + 2 * n_story
     with pytest.raises(ValueError, match="nonexistent"):
         epoch_documents(shard, 0, 0, {"nonexistent": 2.0})
+
+
+def test_augmented_documents_are_weighted_apart_from_their_originals(tmp_path):
+    from train.pipeline import epoch_documents
+
+    w = ShardWriter(tmp_path, OFFSET + CODES, {"image_offset": OFFSET, "image_tokens": 4})
+    for i in range(30):  # 10 originals, then two augmented copies of each
+        w.add([(TEXT, [10 + i % 10]), (IMAGE, [OFFSET] * 4)], "digits", {"index": i % 10, "augmented": i >= 10})
+    w.add([(TEXT, [10]), (IMAGE, [OFFSET] * 4)], "shapes", {})
+    w.close()
+    shard = Shard(tmp_path)
+    items = epoch_documents(shard, 0, 0, {"digits": 3.0, "digits:augmented": 0.0})
+    docs = [d for d, _ in items]
+    assert sorted(set(docs)) == list(range(10)) + [30]  # no augmented copy, the shapes document once
+    assert all(docs.count(d) == 3 for d in range(10))
+    # the augmented key alone leaves the originals at the source's weight (1 by default)
+    half = [d for d, _ in epoch_documents(shard, 0, 0, {"digits:augmented": 0.5})]
+    assert all(half.count(d) == 1 for d in range(10)) and 0 < sum(d >= 10 and d < 30 for d in half) < 20
+    with pytest.raises(ValueError, match="shapes:augmented"):
+        epoch_documents(shard, 0, 0, {"shapes:augmented": 0.0})  # no shapes document is augmented
+    with pytest.raises(ValueError, match=">= 0"):
+        epoch_documents(shard, 0, 0, {"digits": -1.0})

@@ -43,18 +43,32 @@ def doc_rng(seed: int, epoch: int, doc: int, copy: int = 0) -> np.random.Generat
     return np.random.default_rng([seed, epoch, doc, copy])
 
 
+def _augmented(meta: dict) -> bool:
+    return bool(meta.get("meta", {}).get("augmented", False))
+
+
 def epoch_documents(shard: Shard, seed: int, epoch: int, source_weights: dict[str, float] | None = None) -> list[tuple[int, int]]:
     """(document, copy) pairs of one epoch in their shuffled order. With source_weights, each
-    document of source s appears w_s times on average (integer part always, the rest by chance)."""
+    document of source s appears w_s times on average (integer part always, the rest by chance).
+    The key "s:augmented" weighs the documents of s that `make tokenize` marked augmented (meta
+    "augmented": true) apart from its originals, e.g. {"digits": 10, "digits:augmented": 0}."""
     rng = np.random.default_rng([seed, epoch, 0x5EED])
     items: list[tuple[int, int]] = []
     if source_weights:
         known = {shard.meta(i)["source"] for i in range(len(shard))}
+        known |= {f"{shard.meta(i)['source']}:augmented" for i in range(len(shard)) if _augmented(shard.meta(i))}
         unknown = set(source_weights) - known
         if unknown:
             raise ValueError(f"source_weights names {sorted(unknown)}, but the shard holds only {sorted(known)}")
+        if any(w < 0 for w in source_weights.values()):
+            raise ValueError(f"source_weights must be >= 0; found {source_weights}")
     for i in range(len(shard)):
-        w = 1.0 if not source_weights else source_weights.get(shard.meta(i)["source"], 1.0)
+        w = 1.0
+        if source_weights:
+            m = shard.meta(i)
+            w = source_weights.get(m["source"], 1.0)
+            if _augmented(m):
+                w = source_weights.get(f"{m['source']}:augmented", w)
         copies = int(w) + (1 if rng.random() < w - int(w) else 0)
         items.extend((i, c) for c in range(copies))
     order = rng.permutation(len(items))
