@@ -11,7 +11,10 @@ Views (test-time augmentation): with views=V the image is also scored shifted by
 (`shifted_views`) and each direction's log-score is averaged over the V views, a product of
 experts over copies the model should find equally likely. It costs V× the time and reduces the
 variance of the model's per-image likelihood (digits p(x|c): 62.5% → 70.6% at V=9 on the default
-model, 2026-12-04; see README).
+model, 2026-12-04; see README). `brightness=(1.0, 0.9, 0.8)` also reads every view dimmed to each
+level (`image_views`), as training's augmented digits are (80-100% brightness): a dimmed digit has
+other codes (30% of them change at 95%) but the same class (digits p(x|c) 58.9% → 67.8% with these
+three levels and no shift, 2026-12-07). Views and levels multiply: V·B× the time.
 
 Retrieval (RA-CM3), for models trained with it: `classify(bank=...)` reads each class caption
 behind the k bank documents the retriever finds for the caption, and each image behind those it
@@ -54,7 +57,8 @@ class Classification:
     image_loglik: Tensor | None  # (N, C) log p(x | c), if computed
     text_loglik: Tensor | None  # (N, C) log p(caption_c | x), if computed
     mode: str
-    views: int = 1
+    views: int = 1  # shifted views per brightness level
+    brightness: tuple[float, ...] = (1.0,)
     # with retrieval (classify(bank=...)): the documents read before each class caption (image
     # direction), keyed by caption, and before each image (text direction; its first view)
     caption_neighbours: dict[str, list["Neighbour"]] | None = None
@@ -147,6 +151,33 @@ def shifted_views(image: Image.Image, views: int) -> list[Image.Image]:
     h, w = arr.shape[:2]
     pad = np.pad(arr, ((2, 2), (2, 2), (0, 0)), mode="edge")
     return [Image.fromarray(np.ascontiguousarray(pad[2 - dy : 2 - dy + h, 2 - dx : 2 - dx + w])) for dx, dy in _OFFSETS[:views]]
+
+
+MAX_BRIGHTNESS_LEVELS = 8
+
+
+def check_brightness(brightness: Sequence[float]) -> list[float]:
+    """Brightness levels: distinct factors in (0, 1] (1 = the image itself), at most 8."""
+    try:
+        levels = [float(b) for b in brightness]
+    except (TypeError, ValueError):
+        raise ValueError(f"brightness must be a sequence of numbers in (0, 1], got {brightness!r}") from None
+    if not 1 <= len(levels) <= MAX_BRIGHTNESS_LEVELS or len(set(levels)) != len(levels) \
+            or not all(0.0 < b <= 1.0 for b in levels):
+        raise ValueError(f"brightness must be 1 to {MAX_BRIGHTNESS_LEVELS} distinct factors in (0, 1] "
+                         f"(1 = the image itself), got {brightness!r}")
+    return levels
+
+
+def image_views(image: Image.Image, views: int, brightness: Sequence[float] = (1.0,)) -> list[Image.Image]:
+    """`shifted_views(image, views)` read at each brightness level (pixel values scaled and
+    rounded), level-major: views·len(brightness) images, the image itself first when 1.0 comes first."""
+    shifted = shifted_views(image, views)
+    out = []
+    for b in check_brightness(brightness):
+        out.extend(shifted if b == 1.0 else
+                   [Image.fromarray((np.asarray(v, dtype=np.float32) * b).round().astype(np.uint8)) for v in shifted])
+    return out
 
 
 def image_codes(tokenizer: MultimodalTokenizer, images: Sequence[Image.Image] | Tensor) -> Tensor:
@@ -301,14 +332,15 @@ def classify(model: Transformer | Sequence[Transformer], tokenizer: MultimodalTo
              labels: Sequence[str], templates: Sequence[str] = ("{}",), *, prior: Sequence[float] | Tensor | None = None,
              mode: Mode = "both", views: int = 1, bf16: bool | None = None, prune_after: int | None = None,
              keep: int = 3, weights: tuple[float, float] = (1.0, 1.0), orders: int | None = None,
-             bank: RetrievalBank | None = None, k: int = 2) -> Classification:
+             bank: RetrievalBank | None = None, k: int = 2, brightness: Sequence[float] = (1.0,)) -> Classification:
     """Posterior over `labels` for each image by Bayes' rule.
 
     templates: prompt templates with {} for the label; their likelihoods are combined by
     log-mean-exp (see sample.bayes.ensemble_templates). mode: "image" uses p(x|c), "text" uses
     p(caption_c|x), "both" adds the two log-scores, weighted by `weights` = (image, text).
     views: score each PIL image also shifted by whole pixels and average each log-score over the
-    views (module docstring; V× the time).
+    views (module docstring; V× the time). brightness: levels in (0, 1] at which every view is
+    also read, dimmed (`image_views`); the log-scores are averaged over all V·B copies.
     orders: average log p(x|c) over the first `orders` image token orders, for models trained with
     image_orders > 1 (`trained_orders`); None = every order all the models were trained with (1,
     raster order, for the default recipe). O× the image direction's time.
@@ -343,13 +375,15 @@ def classify(model: Transformer | Sequence[Transformer], tokenizer: MultimodalTo
                          f"trained with), got {orders!r}")
     p = check_prior(prior, len(labels))
     weights = check_weights(weights)  # refuse bad weights before the work
-    if views > 1:
+    levels = check_brightness(brightness)
+    copies = views * len(levels)  # every image is read this many times
+    if copies > 1:
         if isinstance(images, Tensor):
-            raise ValueError("views > 1 needs the images themselves (PIL), not precomputed codes")
-        per_image = [shifted_views(im, views) for im in images]
-        images = [v[k] for k in range(views) for v in per_image]  # view-major: (V·N)
+            raise ValueError("views > 1 (or several brightness levels) needs the images themselves (PIL), not precomputed codes")
+        per_image = [image_views(im, views, levels) for im in images]
+        images = [v[k] for k in range(copies) for v in per_image]  # copy-major: (V·B·N)
     codes = image_codes(tokenizer, images) - tokenizer.image_offset  # encode once for every template
-    n = len(codes) // views
+    n = len(codes) // copies
     captions = {t: [t.format(l) for l in labels] for t in templates}
     contexts: dict[str, list[list[int]]] = {}  # per template (image direction) and "" (text direction)
     caption_nb: dict[str, list[Neighbour]] | None = None
@@ -369,8 +403,8 @@ def classify(model: Transformer | Sequence[Transformer], tokenizer: MultimodalTo
             contexts[""], found = retrieved_context(bank, None, pil, tokenizer, k, [block - (G + 4 + longest)] * len(pil))
             image_nb = found[:n]
 
-    def combine(per_template: list[Tensor]) -> Tensor:  # T × (V·N, C) -> (N, C)
-        return ensemble_templates(torch.stack(per_template)).view(views, n, -1).mean(0)
+    def combine(per_template: list[Tensor]) -> Tensor:  # T × (V·B·N, C) -> (N, C)
+        return ensemble_templates(torch.stack(per_template)).view(copies, n, -1).mean(0)
 
     def direction(loglik, **kw) -> Tensor:  # one direction's (N, C) log-score, averaged over the models
         key = (lambda t: t) if loglik is image_loglik else (lambda t: "")
@@ -384,21 +418,22 @@ def classify(model: Transformer | Sequence[Transformer], tokenizer: MultimodalTo
     img_ll = image_direction() if mode in ("image", "both") else None
     txt_ll = direction(text_loglik) if mode in ("text", "both") else None
     score = img_ll if txt_ll is None else txt_ll if img_ll is None else combine_directions(img_ll, txt_ll, weights)
-    return Classification(labels, posterior(score, p), score, img_ll, txt_ll, mode, views, caption_nb, image_nb)
+    return Classification(labels, posterior(score, p), score, img_ll, txt_ll, mode, views, tuple(levels), caption_nb, image_nb)
 
 
 def calibrate_directions(model: Transformer | Sequence[Transformer], tokenizer: MultimodalTokenizer, images: Sequence[Image.Image],
                          truth: Sequence[int], labels: Sequence[str], templates: Sequence[str] = ("{}",), *,
                          views: int = 1, bf16: bool | None = None, orders: int | None = None,
-                         bank: RetrievalBank | None = None, k: int = 2) -> tuple[tuple[float, float], Classification]:
+                         bank: RetrievalBank | None = None, k: int = 2,
+                         brightness: Sequence[float] = (1.0,)) -> tuple[tuple[float, float], Classification]:
     """Direction weights (image, text) for "both", fitted on labelled images of the task
     (truth[i] indexes labels): both directions are scored as `classify` would with these templates,
-    views, orders and retrieval, then sample.bayes.fit_direction_weights. Returns the weights and the scores."""
+    views, brightness levels, orders and retrieval, then sample.bayes.fit_direction_weights. Returns the weights and the scores."""
     if len(images) != len(truth) or len(images) < 2:
         raise ValueError(f"calibration needs at least two labelled images, one label each; got {len(images)} "
                          f"images and {len(truth)} labels")
     scored = classify(model, tokenizer, images, labels, templates, mode="both", views=views, bf16=bf16, orders=orders,
-                      bank=bank, k=k)
+                      bank=bank, k=k, brightness=brightness)
     return fit_direction_weights(scored.image_loglik, scored.text_loglik, torch.as_tensor(list(truth))), scored
 
 

@@ -1,6 +1,7 @@
 """Bayes-rule classification: the math, and cached/batched scores equal to the naive loop."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -215,6 +216,33 @@ def test_views_average_each_direction_over_the_shifted_images(model, tiny_tokeni
         classify(model, tiny_tokenizer, images, labels, templates, views=0)
     with pytest.raises(ValueError, match="needs the images themselves"):
         classify(model, tiny_tokenizer, tiny_tokenizer.encode_images(images), labels, templates, views=2)
+
+
+def test_brightness_levels_average_each_direction_over_the_dimmed_views(model, tiny_tokenizer):
+    from PIL import Image
+
+    from sample.classify import image_views, shifted_views
+
+    g = torch.Generator().manual_seed(4)
+    size = tiny_tokenizer.image_size
+    images = [Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).byte().numpy()) for _ in range(3)]
+    arr = np.asarray(images[0])
+    copies = image_views(images[0], 2, (1.0, 0.5))
+    assert len(copies) == 4 and np.array_equal(np.asarray(copies[0]), arr)
+    assert np.array_equal(np.asarray(copies[2]), np.round(arr.astype(np.float32) * 0.5).astype(np.uint8))
+    assert np.array_equal(np.asarray(copies[3]), np.round(np.asarray(shifted_views(images[0], 2)[1]) * np.float32(0.5)).astype(np.uint8))
+    labels, templates = ["one", "two", "three"], ["a handwritten digit {}"]
+    out = classify(model, tiny_tokenizer, images, labels, templates, mode="both", brightness=(1.0, 0.6), bf16=False)
+    dim = [Image.fromarray(np.round(np.asarray(im, dtype=np.float32) * 0.6).astype(np.uint8)) for im in images]
+    per_level = [classify(model, tiny_tokenizer, ims, labels, templates, mode="both", bf16=False) for ims in (images, dim)]
+    assert out.brightness == (1.0, 0.6) and out.views == 1
+    assert not torch.allclose(per_level[0].image_loglik, per_level[1].image_loglik)  # dimming changes the codes read
+    for name in ("image_loglik", "text_loglik"):
+        want = torch.stack([getattr(c, name) for c in per_level]).mean(0)
+        assert torch.allclose(getattr(out, name), want, atol=1e-4)
+    for bad in ((), (1.0, 1.0), (0.0,), (1.2,), ("dim",)):
+        with pytest.raises(ValueError, match="brightness must be"):
+            classify(model, tiny_tokenizer, images, labels, templates, brightness=bad)
 
 
 def test_several_models_average_each_direction_over_the_models(model, tiny_tokenizer, codes):

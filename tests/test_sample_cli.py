@@ -101,6 +101,8 @@ def test_classify_compiled_gives_the_eager_posteriors(tiny_run, images):
     (["--labels", "a,b", "--orders", "2"], "--orders must be between 1 and 1"),
     (["--labels", "a,b", "--weights", "0.5"], "two comma-separated numbers"),
     (["--labels", "a,b", "--weights=-1,1"], "non-negative"), (["--labels", "a,b", "--weights", "0,0"], "not both zero"),
+    (["--labels", "a,b", "--brightness", "1,1.5"], "--brightness: brightness must be"),
+    (["--labels", "a,b", "--brightness", "dim"], "--brightness takes comma-separated factors"),
 ])
 def test_classify_refuses_bad_input_with_a_message(tiny_run, images, args, message):
     r = run("classify", "--ckpt", str(tiny_run), "--images", str(images / "red.png"), *args)

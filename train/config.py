@@ -34,7 +34,9 @@ class TrainConfig:
     # pairs' images in one of K-1 other orders, for order-averaged p(x|c); the model gets K-1 ids
     image_orders: int = 1
     order_prob: float = 0.5
-    source_weights: dict[str, float] = field(default_factory=dict)  # epoch copies per source, e.g. {"digits": 2}
+    # epoch copies per source, e.g. {"digits": 2}; "s:augmented" sets the weight of the augmented
+    # copies `make tokenize` stored for source s apart from its originals (train.pipeline.epoch_documents)
+    source_weights: dict[str, float] = field(default_factory=dict)
     eval_every: int = 250  # steps between held-out evaluations (and sample grids)
     eval_rows: int = 64  # held-out rows per evaluation
     ckpt_every: int = 250  # steps between checkpoints (always one at the end)
