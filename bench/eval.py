@@ -12,7 +12,8 @@
    and on shapes eval images (shape task, colour task), against a supervised logistic regression
    on pixels and (if a retriever is available) the CLIP-style retriever baseline; calibration
    (ECE). Digits with one view and with VIEWS shifted views (sample.classify: test-time
-   augmentation), and "both_calibrated": the two directions weighted as fitted on 100 labelled
+   augmentation), p(x|c) also read at BRIGHTNESS levels ("image_brightness"), and
+   "both_calibrated": the two directions weighted as fitted on 100 labelled
    training digits (sample.bayes.fit_direction_weights). Per-image scores go to
    OUT/classification_digits_scores.npz.
 5. Robustness under noise, blur and contrast loss (digits, ROBUST_VIEWS shifted views).
@@ -51,6 +52,9 @@ WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 PARTS = ("t2i", "captioning", "digits-classification", "shapes-classification", "robustness")
 ALIASES = {"classification": ("digits-classification", "shapes-classification", "robustness")}
 VIEWS = 9  # shifted views for the test-time-augmented reading (sample.classify.shifted_views)
+# brightness levels for p(x|c) read also dimmed, the range of training's augmented digits
+# (sample.classify.image_views; README: 58.9% -> 67.8% on the 2026-12-06 default run)
+BRIGHTNESS = (1.0, 0.9, 0.8)
 CALIBRATION_PER_DIGIT = 10  # labelled training digits per class for the direction weights of "both"
 ROBUST_VIEWS = 5  # fewer views under corruption: 8 corruptions × views would cost most of the eval
 DIGIT_TEMPLATES = ["a handwritten digit {}", "the digit {}, written by hand", "a scan of a handwritten {}",
@@ -280,6 +284,8 @@ def classify_digits(mm: MultimodalModel, quick: bool, retriever_dir: Path | None
     np.savez(out_dir / "classification_digits_scores.npz", **raw)  # per-image scores for offline analysis
     one = classify(mm.model, mm.tokenizer, images, WORDS, DIGIT_TEMPLATES[:1], mode="image", **as_trained(mm))
     res["image_one_template"] = {"accuracy": float((one.posterior.argmax(-1) == y).double().mean())}
+    dim = classify(mm.model, mm.tokenizer, images, WORDS, DIGIT_TEMPLATES, mode="image", brightness=BRIGHTNESS, **as_trained(mm))
+    res["image_brightness"] = read(dim.posterior) | {"levels": list(BRIGHTNESS)}
     res["seconds"] = round(time.time() - t, 1)
     res["image_orders"] = trained_orders(mm.model, mm.tokenizer)  # p(x|c) averaged over them (classify's default)
     train = digits_data.digits_documents("train")
