@@ -47,6 +47,12 @@ def _augmented(meta: dict) -> bool:
     return bool(meta.get("meta", {}).get("augmented", False))
 
 
+def _weight_keys(meta: dict) -> tuple[str, ...]:
+    """The source_weights keys that apply to a document, least specific first."""
+    source = meta["source"]
+    return (source, f"{source}:augmented") if _augmented(meta) else (source,)
+
+
 def epoch_documents(shard: Shard, seed: int, epoch: int, source_weights: dict[str, float] | None = None) -> list[tuple[int, int]]:
     """(document, copy) pairs of one epoch in their shuffled order. With source_weights, each
     document of source s appears w_s times on average (integer part always, the rest by chance).
@@ -54,21 +60,18 @@ def epoch_documents(shard: Shard, seed: int, epoch: int, source_weights: dict[st
     "augmented": true) apart from its originals, e.g. {"digits": 10, "digits:augmented": 0}."""
     rng = np.random.default_rng([seed, epoch, 0x5EED])
     items: list[tuple[int, int]] = []
+    keys = [_weight_keys(shard.meta(i)) if source_weights else () for i in range(len(shard))]
     if source_weights:
-        known = {shard.meta(i)["source"] for i in range(len(shard))}
-        known |= {f"{shard.meta(i)['source']}:augmented" for i in range(len(shard)) if _augmented(shard.meta(i))}
+        known = {k for ks in keys for k in ks}
         unknown = set(source_weights) - known
         if unknown:
             raise ValueError(f"source_weights names {sorted(unknown)}, but the shard holds only {sorted(known)}")
         if any(w < 0 for w in source_weights.values()):
             raise ValueError(f"source_weights must be >= 0; found {source_weights}")
-    for i in range(len(shard)):
+    for i, doc_keys in enumerate(keys):
         w = 1.0
-        if source_weights:
-            m = shard.meta(i)
-            w = source_weights.get(m["source"], 1.0)
-            if _augmented(m):
-                w = source_weights.get(f"{m['source']}:augmented", w)
+        for k in doc_keys:  # the most specific key given wins
+            w = source_weights.get(k, w)
         copies = int(w) + (1 if rng.random() < w - int(w) else 0)
         items.extend((i, c) for c in range(copies))
     order = rng.permutation(len(items))
