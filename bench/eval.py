@@ -231,6 +231,26 @@ def logistic_baseline(train_docs, test_images, labels_of):
     return lambda images: clf.predict(np.stack([np.asarray(im, dtype=np.float32).ravel() / 255 for im in images])).tolist()
 
 
+def naive_bayes_codes(tokenizer, train_docs, labels_of, alpha: float = 0.1):
+    """A supervised reference read off the same tokens the transformer reads: per-position class
+    histograms of the training images' VQ codes (add-alpha smoothed), the class with the largest
+    sum of log-frequencies wins. It measures how much of the class the codes carry to a generative
+    classifier that simply counts them (the transformer's p(x|c) must learn that from captions)."""
+    codes = tokenizer.encode_images([d.images[0] for d in train_docs]).numpy()
+    labels = np.array([labels_of(d) for d in train_docs])
+    classes = np.unique(labels)
+    K, G = tokenizer.layout.codebook_size, codes.shape[1]
+    counts = np.full((len(classes), G, K), alpha)
+    for j, c in enumerate(classes):
+        np.add.at(counts[j], (np.broadcast_to(np.arange(G), codes[labels == c].shape), codes[labels == c]), 1)
+    logp = np.log(counts / counts.sum(-1, keepdims=True))
+
+    def predict(images) -> list:
+        test = tokenizer.encode_images(images).numpy()
+        return classes[logp[:, np.arange(G)[None], test].sum(-1).argmax(0)].tolist()
+    return predict
+
+
 def calibration_digits(quick: bool) -> list:
     """Labelled training digits (originals, CALIBRATION_PER_DIGIT of each) on which the direction
     weights of "both" are fitted: never the test split the accuracy is read on."""
@@ -291,6 +311,8 @@ def classify_digits(mm: MultimodalModel, quick: bool, retriever_dir: Path | None
     train = digits_data.digits_documents("train")
     logreg = logistic_baseline(train, images, lambda d: d.meta["label"])
     res["logistic_regression_pixels"] = {"accuracy": float(np.mean(np.array(logreg(images)) == y.numpy()))}
+    nb = naive_bayes_codes(mm.tokenizer, train, lambda d: d.meta["label"])
+    res["naive_bayes_codes"] = {"accuracy": float(np.mean(np.array(nb(images)) == y.numpy()))}
     clip = clip_baseline(retriever_dir, mm)
     if clip is not None:
         probs = clip(images, WORDS, DIGIT_TEMPLATES)

@@ -43,6 +43,10 @@ class ModelConfig:
     init_std: float = 0.02  # std of the normal weight init (GPT-2); also avoids float32 denormals
     tie_embeddings: bool = False  # share the token embedding with the output head
     dropout: float = 0.0  # dropout on attention probabilities and residual branches (training only)
+    # learned embeddings of a code's place in its image (0 = none, else the codes per image): added
+    # to the code's token embedding, as DALL-E's row/column embeddings (Ramesh et al. 2021) give the
+    # model each code's absolute grid position, which rotary positions give only relative to <boi>
+    image_pos_emb: int = 0
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -74,6 +78,8 @@ class ModelConfig:
                 f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}: "
                 "each key/value head must serve a whole group of query heads"
             )
+        if not isinstance(self.image_pos_emb, int) or self.image_pos_emb < 0:
+            raise ValueError(f"image_pos_emb must be 0 (off) or the number of codes per image, got {self.image_pos_emb!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.norm_eps <= 0 or self.rope_base <= 0 or self.init_std <= 0:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import ModelConfig
+from tokenizers_mm.special import BOI_ID, EOI_ID
 
 
 class RMSNorm(nn.Module):
@@ -175,6 +176,12 @@ class CacheState:
 
     keys: list[Tensor]
     values: list[Tensor]
+    ids: Tensor | None = None  # (batch_size, length) token ids, for a model with image_pos_emb
+
+    def rows(self, index: Tensor | list[int]) -> "CacheState":
+        """The snapshot of the given rows only."""
+        return CacheState([k[index] for k in self.keys], [v[index] for v in self.values],
+                          None if self.ids is None else self.ids[index])
 
     @property
     def batch_size(self) -> int:
@@ -361,6 +368,26 @@ def lm_loss(logits: Tensor, targets: Tensor, *, z_loss: float, ignore_index: int
                       text_nll_sum, text_count, image_nll_sum, image_count)
 
 
+def image_positions(idx: Tensor, n: int, start: Tensor | None = None) -> Tensor | None:
+    """Each token's place in its image: (B, T) long, j for the j-th code after the last <boi>
+    (0 <= j < n), -1 outside images (<boi> and <eoi> included). None when n == 0.
+
+    start: (B,) long, for a chunk that continues a sequence: how many codes of an open image
+    precede the chunk (-1: none open). Packed rows need no separation: a document ends in text."""
+    if not n:
+        return None
+    T = idx.shape[1]
+    t = torch.arange(T, device=idx.device)
+    boi, marker = idx == BOI_ID, (idx == BOI_ID) | (idx == EOI_ID)
+    last = torch.where(marker, t, -1).cummax(-1).values  # the latest marker at or before each token
+    in_chunk = boi.gather(1, last.clamp(min=0)) & (last >= 0)
+    pos = torch.where(in_chunk, t - last - 1, -1)
+    if start is not None:
+        carried = torch.where(start[:, None] >= 0, start[:, None] + t, -1)
+        pos = torch.where(last >= 0, pos, carried)
+    return torch.where((pos >= 0) & (pos < n), pos, -1)
+
+
 class Transformer(nn.Module):
     """Decoder-only transformer over the unified token vocabulary (see module docstring for modes)."""
 
@@ -374,6 +401,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.img_pos_emb = nn.Embedding(config.image_pos_emb, config.dim) if config.image_pos_emb else None
         if config.tie_embeddings:
             self.head.weight = self.tok_emb.weight
         cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_base)
@@ -381,6 +409,9 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._cache_shape: tuple[int, int] | None = None  # (max_batch_size, max_seq_len) once set up
+        # with image_pos_emb: the ids written into the cache, from which a new token's place in its
+        # image follows (a plain attribute, like the KV caches: never in a state_dict)
+        self._cached_ids: Tensor | None = None
         self._compiled_step: Callable[..., Tensor] | None = None  # see compile_decoding()
         self._compiled_scoring: Callable[..., Tensor] | None = None  # see compile_scoring()
         self.reset_parameters()
@@ -432,10 +463,18 @@ class Transformer(nn.Module):
                 raise ValueError(f"doc_ids {tuple(doc_ids.shape)} must have the shape of idx {tuple(idx.shape)}")
             mask = packing_mask(doc_ids)
         cos, sin = self._rope(positions)
-        x = self.tok_emb(idx)  # (B, T, dim)
+        x = self._embed(idx, image_positions(idx, self.config.image_pos_emb))  # (B, T, dim)
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
         return self.head(self.norm(x))  # (B, T, vocab_size)
+
+    def _embed(self, idx: Tensor, image_pos: Tensor | None) -> Tensor:
+        """Token embeddings, plus the image-position embedding of codes where the model has one."""
+        x = self.tok_emb(idx)
+        if self.img_pos_emb is None or image_pos is None:
+            return x
+        inside = image_pos >= 0
+        return x + self.img_pos_emb(image_pos.clamp(min=0)) * inside.unsqueeze(-1).to(x.dtype)
 
     # ---- cached decoding -------------------------------------------------------------------
 
@@ -458,12 +497,15 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attn.kv_cache = KVCache(max_batch_size, max_seq_len, self.config.n_kv_head,
                                           self.config.head_dim, dtype, device)
+        if self.img_pos_emb is not None:
+            self._cached_ids = torch.zeros(max_batch_size, max_seq_len, dtype=torch.long, device=device)
         self._cache_shape = (max_batch_size, max_seq_len)
 
     def clear_caches(self) -> None:
         """Free the KV caches; forward_cached raises until setup_caches runs again."""
         for layer in self.layers:
             layer.attn.kv_cache = None
+        self._cached_ids = None
         self._cache_shape = None
 
     def _require_caches(self) -> tuple[int, int]:
@@ -514,13 +556,22 @@ class Transformer(nn.Module):
         if key_valid is not None:
             mask = mask[None, None] & key_valid[:, None, None, :kv_len]  # (B, 1, T, kv_len)
         cos, sin = self._rope(input_pos.unsqueeze(0))
-        x = self.tok_emb(idx)
+        x = self._embed(idx, self._cached_image_positions(idx, input_pos, kv_len))
         for layer in self.layers:
             x = layer.forward_cached(x, cos, sin, input_pos, mask, kv_len)
         if float32_head:
             with torch.autocast(x.device.type, enabled=False):
                 return F.linear(self.norm(x.float()), self.head.weight.float())
         return self.head(self.norm(x))
+
+    def _cached_image_positions(self, idx: Tensor, input_pos: Tensor, kv_len: int) -> Tensor | None:
+        """Write idx into the id cache at input_pos and return its tokens' image positions, read
+        off the ids cached so far (positions past input_pos do not enter: the scan is causal)."""
+        if self._cached_ids is None:
+            return None
+        ids = self._cached_ids[: idx.shape[0]]
+        ids.index_copy_(1, input_pos, idx)
+        return image_positions(ids[:, :kv_len], self.config.image_pos_emb).index_select(1, input_pos)
 
     def decode_step(self, idx: Tensor, input_pos: Tensor, key_valid: Tensor) -> Tensor:
         """One new token per row with static shapes: the decoding step `torch.compile` can fuse.
@@ -535,7 +586,7 @@ class Transformer(nn.Module):
         mask = (torch.arange(max_len, device=idx.device) <= input_pos)[None, None, None, :]
         mask = mask & key_valid[:, None, None, :max_len]  # (B, 1, 1, max_len)
         cos, sin = self._rope(input_pos.unsqueeze(0))
-        x = self.tok_emb(idx)
+        x = self._embed(idx, self._cached_image_positions(idx, input_pos, max_len))
         for layer in self.layers:
             x = layer.forward_cached(x, cos, sin, input_pos, mask, max_len)
         return self.head(self.norm(x))
@@ -637,7 +688,8 @@ class Transformer(nn.Module):
             cache = layer.attn.kv_cache
             keys.append(cache.k[:batch_size, :, :length].clone())
             values.append(cache.v[:batch_size, :, :length].clone())
-        return CacheState(keys, values)
+        ids = None if self._cached_ids is None else self._cached_ids[:batch_size, :length].clone()
+        return CacheState(keys, values, ids)
 
     @torch.no_grad()
     def load_cache_state(self, state: CacheState, repeats: int = 1) -> None:
@@ -658,6 +710,10 @@ class Transformer(nn.Module):
             cache = layer.attn.kv_cache
             cache.k[:rows, :, :state.length] = k.repeat_interleave(repeats, dim=0)
             cache.v[:rows, :, :state.length] = v.repeat_interleave(repeats, dim=0)
+        if self._cached_ids is not None:
+            if state.ids is None:
+                raise ValueError("this model embeds image positions, and the cache snapshot carries no token ids")
+            self._cached_ids[:rows, :state.length] = state.ids.repeat_interleave(repeats, dim=0)
 
     def expand_cache(self, batch_size: int, repeats: int, length: int | None = None) -> None:
         """In place: repeat cache rows [:batch_size] `repeats` times along the batch

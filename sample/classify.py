@@ -118,7 +118,7 @@ def _continue_logp(model: Transformer, state: CacheState, first_logits: Tensor, 
     """For cache rows `rows` (R,) of the snapshot, the log-probability of each target sequence
     (R, L) continuing that prompt: (R, L) float32. Targets equal to -1 are padding (logp 0)."""
     R, L = targets.shape
-    sub = CacheState([k[rows] for k in state.keys], [v[rows] for v in state.values])
+    sub = state.rows(rows)
     model.load_cache_state(sub)
     Lp = state.length
     safe = targets.clamp(min=0)

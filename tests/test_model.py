@@ -183,6 +183,85 @@ def test_expanded_cache_gives_the_same_logits_as_recomputing():
             torch.testing.assert_close(cached, full[:, 7:], atol=1e-5, rtol=0)
 
 
+# ---- image-position embeddings ---------------------------------------------------------------
+
+def image_docs(n_rows: int, seed: int = 0) -> torch.Tensor:
+    """Rows `<bos> text <boi> 8 codes <eoi> text <boi> codes...`: images open and close around the
+    prefill/decode boundaries the tests pick."""
+    g = torch.Generator().manual_seed(seed)
+    text = lambda n: torch.randint(9, 150, (n,), generator=g).tolist()
+    codes = lambda n: torch.randint(150, VOCAB, (n,), generator=g).tolist()
+    rows = [[1, *text(3), 3, *codes(8), 4, *text(2 + r), 3, *codes(6 - r)] for r in range(n_rows)]
+    return torch.tensor(rows)
+
+
+def test_image_positions_count_codes_after_boi_and_only_inside_images():
+    from model.transformer import image_positions
+    idx = torch.tensor([[1, 20, 3, 200, 201, 202, 4, 2, 3, 210]])
+    assert image_positions(idx, 8).tolist() == [[-1, -1, -1, 0, 1, 2, -1, -1, -1, 0]]
+    assert image_positions(idx, 2).tolist() == [[-1, -1, -1, 0, 1, -1, -1, -1, -1, 0]]  # past n: none
+    # a chunk continuing an image that already holds 5 codes; <eoi> closes it
+    assert image_positions(torch.tensor([[200, 4, 20]]), 8, torch.tensor([5])).tolist() == [[5, -1, -1]]
+    assert image_positions(idx, 0) is None
+
+
+def test_image_position_embedding_changes_codes_only_and_cached_decoding_matches():
+    model = make_model(image_pos_emb=8)
+    idx = image_docs(2)
+    with torch.no_grad():
+        full = model(idx)
+        saved = model.img_pos_emb.weight.clone()
+        model.img_pos_emb.weight.zero_()
+        without = model(idx)
+        model.img_pos_emb.weight.copy_(saved)
+        first_code = 5  # <bos> 3 text <boi>: everything before the first code is unchanged
+        torch.testing.assert_close(without[:, :first_code], full[:, :first_code], atol=1e-6, rtol=0)
+        assert (without[:, first_code:] - full[:, first_code:]).abs().max() > 1e-2
+        # prefill ends inside the first image; one token at a time through the second
+        model.setup_caches(max_batch_size=2, max_seq_len=32)
+        steps = [model.forward_cached(idx[:, :9], torch.arange(9))]
+        steps += [model.forward_cached(idx[:, t:t + 1], torch.tensor([t])) for t in range(9, idx.shape[1])]
+        torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_image_position_embedding_in_the_static_step_with_left_padding(compiled):
+    model = make_model(image_pos_emb=8)
+    if compiled:
+        model.compile_decoding()
+    rows = image_docs(2)
+    short = rows[1:, :-2]  # 2 tokens shorter: left-padded by 2
+    batch = torch.cat([torch.cat([torch.zeros(1, 2, dtype=torch.long), short], dim=1), rows[:1]])
+    T = batch.shape[1]
+    key_valid = torch.ones(2, 32, dtype=torch.bool)
+    key_valid[0, :2] = False
+    with torch.no_grad():
+        model.setup_caches(2, 32)
+        model.forward_cached(batch[:, :10], torch.arange(10), key_valid=key_valid)
+        steps = [model.step(batch[:, t:t + 1], torch.tensor([t]), key_valid) for t in range(10, T)]
+        got = torch.cat(steps, dim=1)
+        torch.testing.assert_close(got[0], model(short)[0, 8:], atol=1e-4, rtol=0)
+        torch.testing.assert_close(got[1], model(rows[:1])[0, 10:], atol=1e-4, rtol=0)
+
+
+def test_image_position_embedding_survives_cache_snapshots():
+    model = make_model(image_pos_emb=8)
+    rows = image_docs(2)
+    prompts, rest = rows[:, :8], rows[:, 8:]  # the snapshot ends three codes into the first image
+    with torch.no_grad():
+        model.setup_caches(max_batch_size=6, max_seq_len=32)
+        model.forward_cached(prompts, torch.arange(8))
+        state = model.cache_state(batch_size=2, length=8)
+        model.load_cache_state(state, repeats=3)
+        cont = rest.repeat_interleave(3, dim=0)
+        cached = model.forward_cached(cont, torch.arange(8, rows.shape[1]))
+        full = model(rows.repeat_interleave(3, dim=0))
+        torch.testing.assert_close(cached, full[:, 8:], atol=1e-5, rtol=0)
+        model.load_cache_state(state.rows(torch.tensor([1])), repeats=2)
+        torch.testing.assert_close(model.forward_cached(rest[1:].repeat(2, 1), torch.arange(8, rows.shape[1])),
+                                   full[3:5, 8:], atol=1e-5, rtol=0)
+
+
 def test_forward_cached_without_caches_raises_a_clear_error():
     model = make_model()
     with pytest.raises(ValueError, match="setup_caches"):

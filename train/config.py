@@ -34,6 +34,9 @@ class TrainConfig:
     # pairs' images in one of K-1 other orders, for order-averaged p(x|c); the model gets K-1 ids
     image_orders: int = 1
     order_prob: float = 0.5
+    # give the model a learned embedding of each code's place in its image (model.config.image_pos_emb,
+    # sized from the tokenizer's grid); model_overrides={"image_pos_emb": N} sets it explicitly
+    image_pos_emb: bool = False
     # epoch copies per source, e.g. {"digits": 2}; "s:augmented" sets the weight of the augmented
     # copies `make tokenize` stored for source s apart from its originals (train.pipeline.epoch_documents)
     source_weights: dict[str, float] = field(default_factory=dict)

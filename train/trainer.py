@@ -292,7 +292,9 @@ def _train(cfg: TrainConfig, data: Path, run: Path, resume: str, steps: int | No
     torch.manual_seed(cfg.seed)
     # image order markers (cfg.image_orders > 1) are ids past the tokenizer's
     vocab = tokenizer.vocab_size + cfg.image_orders - 1
-    mcfg = model_preset(cfg.model, vocab_size=vocab, **{**cfg.model_overrides, "block_size": cfg.block_size})
+    # an order marker (cfg.image_orders > 1) takes the first place after <boi>
+    img_pos = {"image_pos_emb": tokenizer.image_tokens + (cfg.image_orders > 1)} if cfg.image_pos_emb else {}
+    mcfg = model_preset(cfg.model, vocab_size=vocab, **{**img_pos, **cfg.model_overrides, "block_size": cfg.block_size})
     model = Transformer(mcfg).to(d.device)
     start_step, epoch, loader_state = 0, 0, None
     if state_in is not None:
