@@ -38,7 +38,7 @@ def measure(ckpt: str, data: Path, k: int, rows: int, seed: int) -> dict[str, An
     if loaded.tokenizer.vocab_size != train_shard.index["layout"]["vocab_size"]:
         raise ValueError(f"{ckpt} was not trained on {data}: vocabularies differ "
                          f"({loaded.tokenizer.vocab_size} vs {train_shard.index['layout']['vocab_size']})")
-    cfg = TrainConfig(**loaded.info["train_config"])
+    cfg = TrainConfig.from_saved(loaded.info["train_config"])
     seq = SequenceConfig(block_size=loaded.model.config.block_size)
     off, on = retrieval_eval_rows(eval_shard, seq, seed, rows, load_neighbours(eval_shard), train_shard, k)
     image_range = (loaded.tokenizer.image_offset, loaded.tokenizer.vocab_size)

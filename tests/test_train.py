@@ -131,6 +131,29 @@ def test_unknown_or_mistyped_settings_are_refused(tiny_artifacts, tmp_path):
         assert r.returncode == 2 and message in r.stderr
 
 
+def test_a_run_saved_before_a_setting_existed_resumes_with_what_it_trained_with():
+    import dataclasses
+
+    from train.config import TrainConfig
+
+    saved = dataclasses.asdict(TrainConfig())
+    del saved["image_pos_emb"]  # a run from before the setting
+    assert TrainConfig.from_saved(saved).image_pos_emb is False
+    assert TrainConfig.from_saved({**saved, "image_pos_emb": True}).image_pos_emb is True
+
+
+def test_training_with_image_positions_sizes_them_from_the_tokenizer(tiny_artifacts, tmp_path):
+    run = tmp_path / "pos"
+    r = subprocess.run(train_cmd(tiny_artifacts, run, "steps=4", "image_pos_emb=true"), cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from model.checkpoint import load_pretrained
+
+    loaded = load_pretrained(run)
+    assert loaded.model.config.image_pos_emb == loaded.tokenizer.image_tokens
+    assert loaded.model.img_pos_emb.weight.shape == (loaded.tokenizer.image_tokens, loaded.model.config.dim)
+
+
 def test_autocast_defaults_to_where_bf16_is_native_and_can_be_forced_either_way():
     from model.precision import bf16_pays
     from train.config import PRESETS

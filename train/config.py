@@ -51,6 +51,12 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10  # steps between metrics lines in metrics.jsonl
 
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> "TrainConfig":
+        """The config a run's checkpoint recorded. Settings added since then take the value such a
+        run trained with, not today's default (a run saved before image_pos_emb had none)."""
+        return cls(**{**_BEFORE_THEY_EXISTED, **saved})
+
     def __post_init__(self) -> None:
         positive = ("block_size", "batch_size", "grad_accum", "steps", "eval_every", "eval_rows",
                     "ckpt_every", "keep_checkpoints", "log_every")
@@ -63,6 +69,9 @@ class TrainConfig:
             raise ValueError(f"need retrieved_max >= 0 and 0 <= retrieved_weight <= 1; got {self.retrieved_max}, "
                              f"{self.retrieved_weight}")
 
+
+# what runs saved before a setting existed trained with (TrainConfig.from_saved)
+_BEFORE_THEY_EXISTED: dict[str, Any] = {"image_pos_emb": False}
 
 PRESETS: dict[str, TrainConfig] = {
     # tests: float32, no compile, a few seconds

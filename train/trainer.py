@@ -280,7 +280,7 @@ def _train(cfg: TrainConfig, data: Path, run: Path, resume: str, steps: int | No
         raise ValueError(f"--resume must: no checkpoint in {run}")
     if has_ckpt and resume in ("auto", "must"):
         _, info, folder = load_config(run)
-        saved = TrainConfig(**info["train_config"])
+        saved = TrainConfig.from_saved(info["train_config"])
         cfg = dataclasses.replace(saved, steps=cfg.steps)  # the saved run's settings; steps may grow
         state_in = load_train_state(folder)
     elif has_ckpt and resume == "never" and d.is_main:
