@@ -139,6 +139,6 @@ def num_params(config: ModelConfig) -> int:
     qk_norm = 2 * hd if config.qk_norm else 0
     mlp = 3 * d * config.ffn_hidden
     per_layer = attn + qk_norm + mlp + 2 * d  # two RMSNorm weights
-    embed = config.vocab_size * d
+    embed = (config.vocab_size + config.image_pos_emb) * d
     head = 0 if config.tie_embeddings else config.vocab_size * d
     return embed + config.n_layer * per_layer + d + head  # + final norm
