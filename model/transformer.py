@@ -368,12 +368,10 @@ def lm_loss(logits: Tensor, targets: Tensor, *, z_loss: float, ignore_index: int
                       text_nll_sum, text_count, image_nll_sum, image_count)
 
 
-def image_positions(idx: Tensor, n: int, start: Tensor | None = None) -> Tensor | None:
+def image_positions(idx: Tensor, n: int) -> Tensor | None:
     """Each token's place in its image: (B, T) long, j for the j-th code after the last <boi>
-    (0 <= j < n), -1 outside images (<boi> and <eoi> included). None when n == 0.
-
-    start: (B,) long, for a chunk that continues a sequence: how many codes of an open image
-    precede the chunk (-1: none open). Packed rows need no separation: a document ends in text."""
+    (0 <= j < n), -1 outside images (<boi> and <eoi> included). None when n == 0. Packed rows need
+    no separation: a document ends in text. Cached decoding scans the ids cached so far."""
     if not n:
         return None
     T = idx.shape[1]
@@ -382,9 +380,6 @@ def image_positions(idx: Tensor, n: int, start: Tensor | None = None) -> Tensor 
     last = torch.where(marker, t, -1).cummax(-1).values  # the latest marker at or before each token
     in_chunk = boi.gather(1, last.clamp(min=0)) & (last >= 0)
     pos = torch.where(in_chunk, t - last - 1, -1)
-    if start is not None:
-        carried = torch.where(start[:, None] >= 0, start[:, None] + t, -1)
-        pos = torch.where(last >= 0, pos, carried)
     return torch.where((pos >= 0) & (pos < n), pos, -1)
 
 

@@ -202,8 +202,8 @@ def test_image_positions_count_codes_after_boi_and_only_inside_images():
     idx = torch.tensor([[1, 20, 3, 200, 201, 202, 4, 2, 3, 210]])
     assert image_positions(idx, 8).tolist() == [[-1, -1, -1, 0, 1, 2, -1, -1, -1, 0]]
     assert image_positions(idx, 2).tolist() == [[-1, -1, -1, 0, 1, -1, -1, -1, -1, 0]]  # past n: none
-    # a chunk continuing an image that already holds 5 codes; <eoi> closes it
-    assert image_positions(torch.tensor([[200, 4, 20]]), 8, torch.tensor([5])).tolist() == [[5, -1, -1]]
+    # the sixth code of an image, then <eoi> closes it
+    assert image_positions(torch.tensor([[3, 200, 201, 202, 203, 204, 205, 4, 20]]), 8)[0, 6:].tolist() == [5, -1, -1]
     assert image_positions(idx, 0) is None
 
 
