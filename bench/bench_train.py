@@ -29,7 +29,7 @@ import torch
 import common  # noqa: F401,E402  (puts the project on sys.path)
 from common import merge_results  # noqa: E402
 from model import ModelConfig, Transformer, lm_loss, num_params, positions_from_doc_ids, preset  # noqa: E402
-from model.transformer import masked_attention  # noqa: E402
+from model.transformer import masked_attention, query_blocks  # noqa: E402
 from model.precision import bf16_pays  # noqa: E402
 
 
@@ -54,13 +54,16 @@ def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def ours(config: ModelConfig, idx: torch.Tensor, targets: torch.Tensor, *, bf16: bool, compile: bool,
-         doc_ids: torch.Tensor | None = None, masked_attention: bool = True) -> Callable[[], float]:
+         doc_ids: torch.Tensor | None = None, masked_attention: bool = True,
+         attention_blocks: int | None = None) -> Callable[[], float]:
     """Our training step; doc_ids: packed rows as the trainer feeds them (block-diagonal mask,
-    positions restarting per document); masked_attention: False forces SDPA for packed rows."""
+    positions restarting per document); masked_attention: False forces SDPA for packed rows;
+    attention_blocks: masked_attention's causal query blocks (None: by row length; 1: the whole T×T square)."""
     torch.manual_seed(0)
     model = Transformer(config).train()
     for layer in model.layers:
         layer.attn.cpu_masked_attention = masked_attention
+        layer.attn.attention_blocks = attention_blocks
     opt = make_optimizer(model)
     positions = positions_from_doc_ids(doc_ids) if doc_ids is not None else None
 
@@ -176,7 +179,9 @@ def attention_paths(batch: int, n_head: int, head_dim: int, seqs: tuple[int, ...
             flex = torch.compile(flex_attention)
             paths["flex_attention compiled"] = lambda: flex(q, k, v, block_mask=block_mask)
             masked = torch.compile(masked_attention)
-            paths["masked_attention compiled (ours, CPU training)"] = lambda: masked(q, k, v, bool_mask)
+            paths[f"masked_attention compiled, {query_blocks(seq)} query blocks (ours)"] = lambda: masked(q, k, v, bool_mask)
+            if query_blocks(seq) > 1:
+                paths["masked_attention compiled, whole square"] = lambda: masked(q, k, v, bool_mask, 1)
         except Exception as e:  # older torch
             rows.append({"seq": seq, "path": "flex_attention compiled", "error": str(e).splitlines()[0][:160]})
         times: dict[str, list[float]] = {}
@@ -233,10 +238,13 @@ def main() -> None:
         pg = torch.Generator().manual_seed(1)
         p_idx = torch.randint(0, args.vocab, (args.batch, args.packed_seq), generator=pg)
         p_docs = torch.cumsum((torch.rand(args.batch, args.packed_seq, generator=pg) < 1 / 80).long(), dim=1)
-        for masked in (True, False):
-            name = f"ours {prec} compile, packed rows of {args.packed_seq}, " + ("masked_attention" if masked else "SDPA")
-            variants.append(Variant(name, ours(config, p_idx, p_idx, bf16=bf16, compile=True, doc_ids=p_docs,
-                                               masked_attention=masked), warmup=2, tokens=args.batch * args.packed_seq))
+        # and masked_attention's causal query blocks against the whole T×T square
+        for masked, blocks, path in ((True, None, f"masked_attention, {query_blocks(args.packed_seq)} query blocks"),
+                                     (True, 1, "masked_attention, whole square"), (False, None, "SDPA")):
+            variants.append(Variant(f"ours {prec} compile, packed rows of {args.packed_seq}, {path}",
+                                    ours(config, p_idx, p_idx, bf16=bf16, compile=True, doc_ids=p_docs,
+                                         masked_attention=masked, attention_blocks=blocks),
+                                    warmup=2, tokens=args.batch * args.packed_seq))
     if not args.no_hf:
         try:
             import transformers  # noqa: F401
@@ -295,7 +303,7 @@ def main() -> None:
         print(f"{r['name']:62s} {r['step_s'] * 1e3:9.0f} {r['tokens_per_s']:10.0f} {ratio:>11s}")
     print(f"\nattention paths, one layer fwd+bwd {prec}, batch {args.batch}, {config.n_head} heads of {config.head_dim}:")
     for a in attention_rows:
-        print(f"  T={a['seq']:4d} {a['path']:34s} " + (f"{a['fwd_bwd_ms']:7.1f} ms" if "error" not in a else a["error"]))
+        print(f"  T={a['seq']:4d} {a['path']:48s} " + (f"{a['fwd_bwd_ms']:7.1f} ms" if "error" not in a else a["error"]))
     print(f"\n{prec} matmul rate at the model's GEMM shapes: {rate / 1e12:.2f} TFLOP/s")
     print(f"model FLOPs per step {flops / 1e9:.1f} G; best ours ({ours_best['name']}) "
           f"{flops / ours_best['step_s'] / 1e12:.3f} TFLOP/s = {100 * mfu:.0f}% of the matmul rate (target >= 40%)")

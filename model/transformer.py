@@ -96,31 +96,70 @@ class _MaskedAttention(torch.autograd.Function):
     training step on the trainer's rows (16 × 512 packed documents) 1,844 against 2,069 ms. At these
     lengths the T×T scores fit in memory, so four batched matrix products (two forward; dq, dk, dv
     from the saved probabilities) beat the tiled kernel, which recomputes them. The probabilities
-    are kept in the inputs' dtype (bf16 under autocast: B·H·T²·2 bytes a layer, 32 MiB at 16 × 512);
-    the softmax and its gradient are computed in float32. GPUs and rows longer than
-    MASKED_ATTENTION_MAX_LEN keep SDPA (memory-efficient kernels).
+    are kept in the inputs' dtype (bf16 under autocast); the softmax and its gradient are computed
+    in float32. GPUs and rows longer than MASKED_ATTENTION_MAX_LEN keep SDPA (memory-efficient kernels).
+
+    Causal blocks: the queries are cut into `blocks` blocks and block i reads only the keys up to
+    its own end, so the T×T scores above the diagonal blocks (all masked: the mask must be causal,
+    as the packing and causal masks are) are never computed, exponentiated or stored: 4 blocks touch
+    10/16 of the square. Rows of 512 or more take blocks of 128 queries (`query_blocks`); shorter rows
+    the whole square. Measured on the AMX Xeon, 2 threads, bf16, compiled (2026-12-07,
+    bench/bench_train.py): the trainer's step on 16 × 512 packed rows 1,048 → 764 ms (4 blocks);
+    one layer's forward + backward at T=1024 223 ms (4 blocks) and 215 (8); but the whole step at
+    16 × 256 329 ms with the whole square against 357 and 352 with 2 and 4 blocks.
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, blocks: int) -> Tensor:
         scale = q.shape[-1] ** -0.5
-        scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale).masked_fill_(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        out = torch.matmul(probs, v)
-        ctx.save_for_backward(q, k, v, probs, out)
+        bounds = _query_blocks(q.shape[-2], blocks)
+        outs, probs = [], []
+        for lo, hi in zip(bounds[:-1], bounds[1:]):  # queries [lo, hi) see keys [0, hi)
+            scores = torch.matmul(q[..., lo:hi, :], k[..., :hi, :].transpose(-1, -2)).float().mul_(scale)
+            p = torch.softmax(scores.masked_fill_(~mask[..., lo:hi, :hi], float("-inf")), dim=-1).to(q.dtype)
+            probs.append(p)
+            outs.append(torch.matmul(p, v[..., :hi, :]))
+        out = torch.cat(outs, dim=-2)
+        ctx.save_for_backward(q, k, v, out, *probs)
+        ctx.blocks = blocks
         return out
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
-        q, k, v, probs, out = ctx.saved_tensors
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
+        q, k, v, out, *probs = ctx.saved_tensors
         scale = q.shape[-1] ** -0.5
+        bounds = _query_blocks(q.shape[-2], ctx.blocks)
         grad_out = grad_out.to(q.dtype)
-        grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
-        grad_probs = torch.matmul(grad_out, v.transpose(-1, -2)).float()
         # softmax backward: dS = P ⊙ (dP − rowsum(dP ⊙ P)), and rowsum(dP ⊙ P) = rowsum(dO ⊙ O)
         row = (grad_out.float() * out.float()).sum(-1, keepdim=True)
-        grad_scores = (probs.float() * (grad_probs - row) * scale).to(q.dtype)
-        return torch.matmul(grad_scores, k), torch.matmul(grad_scores.transpose(-1, -2), q), grad_v, None
+        grad_q = []
+        # keys and values collect a share from every query block at or after them: summed in float32 at least
+        acc = torch.promote_types(k.dtype, torch.float32)
+        grad_k = torch.zeros(k.shape, dtype=acc, device=k.device)
+        grad_v = torch.zeros(v.shape, dtype=acc, device=v.device)
+        for lo, hi, p in zip(bounds[:-1], bounds[1:], probs):
+            go = grad_out[..., lo:hi, :]
+            grad_v[..., :hi, :] += torch.matmul(p.transpose(-1, -2), go)
+            grad_probs = torch.matmul(go, v[..., :hi, :].transpose(-1, -2)).float()
+            grad_scores = (p.float() * (grad_probs - row[..., lo:hi, :]) * scale).to(q.dtype)
+            grad_q.append(torch.matmul(grad_scores, k[..., :hi, :]))
+            grad_k[..., :hi, :] += torch.matmul(grad_scores.transpose(-1, -2), q[..., lo:hi, :])
+        return torch.cat(grad_q, dim=-2), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None
+
+
+ATTENTION_BLOCKS_FROM = 512  # rows this long or longer take causal query blocks (see _MaskedAttention)
+ATTENTION_QUERY_BLOCK = 128  # queries per block
+
+
+def query_blocks(T: int) -> int:
+    """masked_attention's number of causal query blocks for rows of T tokens (see _MaskedAttention)."""
+    return T // ATTENTION_QUERY_BLOCK if T >= ATTENTION_BLOCKS_FROM else 1
+
+
+def _query_blocks(T: int, blocks: int) -> list[int]:
+    """Bounds of the query blocks of masked_attention: [0, ..., T], blocks of (nearly) equal size."""
+    n = max(1, min(blocks, T))
+    return [T * i // n for i in range(n + 1)]
 
 
 # beyond this many tokens a row's T×T probabilities (kept for the backward) grow too large: SDPA's
@@ -130,18 +169,20 @@ DECODE_CACHE_BUCKET = 64  # compiled decoding rounds its cache length up to a mu
 DECODE_RECOMPILE_LIMIT = 64  # graphs per function dynamo keeps compiling before it falls back to eager
 
 
-def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """q, k, v (B, H, T, hd), mask (B or 1, 1, T, T) bool, True = may attend -> (B, H, T, hd).
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, blocks: int | None = None) -> Tensor:
+    """q, k, v (B, H, T, hd), mask (B or 1, 1, T, T) bool, True = may attend, causal (no query
+    attends a later key) -> (B, H, T, hd).
 
     Equals `F.scaled_dot_product_attention(q, k, v, attn_mask=mask)` up to rounding (tests), for
     rows where every query sees at least one key. Under autocast the inputs are cast to its dtype,
-    as SDPA's are.
+    as SDPA's are. blocks: causal query blocks (1 = the whole T×T square; None = `query_blocks(T)`; see
+    _MaskedAttention).
     """
     device = q.device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    return _MaskedAttention.apply(q, k, v, mask)
+    return _MaskedAttention.apply(q, k, v, mask, query_blocks(q.shape[-2]) if blocks is None else blocks)
 
 
 class KVCache(nn.Module):
@@ -210,6 +251,7 @@ class Attention(nn.Module):
         # rows trained on the CPU (packed or one causal sequence) take masked_attention (see
         # _MaskedAttention); False: always SDPA (bench/bench_train.py compares the two)
         self.cpu_masked_attention = True
+        self.attention_blocks: int | None = None  # its causal query blocks (None: by row length; 1: the whole square)
 
     def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x: (B, T, dim) -> q (B, n_head, T, hd), k and v (B, n_kv_head, T, hd)."""
@@ -232,7 +274,7 @@ class Attention(nn.Module):
                 and T <= MASKED_ATTENTION_MAX_LEN and (mask is not None or is_causal)):
             if mask is None:  # one causal sequence per row
                 mask = torch.ones(T, k.shape[-2], dtype=torch.bool, device=q.device).tril()
-            y = masked_attention(q, k, v, mask)  # CPU training (see _MaskedAttention)
+            y = masked_attention(q, k, v, mask, self.attention_blocks)  # CPU training (see _MaskedAttention)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout)
         B, H, T, hd = y.shape

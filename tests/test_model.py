@@ -314,14 +314,17 @@ def test_a_packed_document_never_sees_the_previous_one():
     torch.testing.assert_close(a[:, 5:], b[:, 5:], atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_masked_attention_matches_sdpa_values_and_gradients(compiled):
+@pytest.mark.parametrize("compiled,T,blocks", [(False, 24, None), (False, 24, 4), (False, 23, 4), (False, 3, 4),
+                                               (True, 24, 4)])
+def test_masked_attention_matches_sdpa_values_and_gradients(compiled, T, blocks):
+    # blocks=4: causal query blocks (the trainer's rows of 512); T=23: blocks of unequal size;
+    # T=3: fewer tokens than blocks
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 24, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    mask = packing_mask(torch.tensor([[0] * 7 + [1] * 10 + [2] * 7, [0] * 24]))
-    grad = torch.randn(2, 3, 24, 8, dtype=torch.float64)
+    q, k, v = (torch.randn(2, 3, T, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = packing_mask(torch.tensor([[0] * 7 + [1] * 10 + [2] * 7, [0] * 24])[:, :T])
+    grad = torch.randn(2, 3, T, 8, dtype=torch.float64)
     fn = torch.compile(masked_attention) if compiled else masked_attention
-    ours = torch.autograd.grad(fn(q, k, v, mask), (q, k, v), grad) + (fn(q, k, v, mask),)
+    ours = torch.autograd.grad(fn(q, k, v, mask, blocks), (q, k, v), grad) + (fn(q, k, v, mask, blocks),)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     ref = torch.autograd.grad(ref, (q, k, v), grad) + (ref,)
     for a, b in zip(ours, ref):
