@@ -103,10 +103,12 @@ class _MaskedAttention(torch.autograd.Function):
     its own end, so the T×T scores above the diagonal blocks (all masked: the mask must be causal,
     as the packing and causal masks are) are never computed, exponentiated or stored: 4 blocks touch
     10/16 of the square. Rows of 512 or more take blocks of 128 queries (`query_blocks`); shorter rows
-    the whole square. Measured on the AMX Xeon, 2 threads, bf16, compiled (2026-12-07,
-    bench/bench_train.py): the trainer's step on 16 × 512 packed rows 1,048 → 764 ms (4 blocks);
-    one layer's forward + backward at T=1024 223 ms (4 blocks) and 215 (8); but the whole step at
-    16 × 256 329 ms with the whole square against 357 and 352 with 2 and 4 blocks.
+    the whole square. Measured on the AMX Xeon, 2 threads, bf16, compiled, interleaved (2026-12-07):
+    a training step on 16 × 512 packed rows 998 → 788 ms with 4 blocks in bench/bench_train.py (5
+    rounds), 867 → 792 ms in a second run; `make train` went from ~9,450 to ~9,800 tokens/s (runs
+    one after the other). At T=1024 one layer's forward + backward took 223 ms with 4 blocks, 215
+    with 8. But a step on 16 × 256 rows took 329 ms with the whole square against 357 and 352 with 2
+    and 4 blocks, so shorter rows keep it. (One layer alone swings more between runs than whole steps.)
     """
 
     @staticmethod
