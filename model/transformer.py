@@ -105,8 +105,8 @@ class _MaskedAttention(torch.autograd.Function):
     10/16 of the square. Rows of 512 or more take blocks of 128 queries (`query_blocks`); shorter rows
     the whole square. Measured on the AMX Xeon, 2 threads, bf16, compiled, interleaved (2026-12-07):
     a training step on 16 × 512 packed rows 998 → 788 ms with 4 blocks in bench/bench_train.py (5
-    rounds), 867 → 792 ms in a second run; `make train` went from ~9,450 to ~9,800 tokens/s (runs
-    one after the other). At T=1024 one layer's forward + backward took 223 ms with 4 blocks, 215
+    rounds), 867 → 792 ms in a second run; but `make train` only from a median 9,531 and 9,570 to
+    9,618 and 9,798 tokens/s (four runs one after the other, +2%). At T=1024 one layer's forward + backward took 223 ms with 4 blocks, 215
     with 8. But a step on 16 × 256 rows took 329 ms with the whole square against 357 and 352 with 2
     and 4 blocks, so shorter rows keep it. (One layer alone swings more between runs than whole steps.)
     """
