@@ -114,7 +114,7 @@ class _MaskedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, blocks: int) -> Tensor:
         scale = q.shape[-1] ** -0.5
-        bounds = _query_blocks(q.shape[-2], blocks)
+        bounds = _block_bounds(q.shape[-2], blocks)
         outs, probs = [], []
         for lo, hi in zip(bounds[:-1], bounds[1:]):  # queries [lo, hi) see keys [0, hi)
             scores = torch.matmul(q[..., lo:hi, :], k[..., :hi, :].transpose(-1, -2)).float().mul_(scale)
@@ -130,7 +130,7 @@ class _MaskedAttention(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
         q, k, v, out, *probs = ctx.saved_tensors
         scale = q.shape[-1] ** -0.5
-        bounds = _query_blocks(q.shape[-2], ctx.blocks)
+        bounds = _block_bounds(q.shape[-2], ctx.blocks)
         grad_out = grad_out.to(q.dtype)
         # softmax backward: dS = P ⊙ (dP − rowsum(dP ⊙ P)), and rowsum(dP ⊙ P) = rowsum(dO ⊙ O)
         row = (grad_out.float() * out.float()).sum(-1, keepdim=True)
@@ -158,7 +158,7 @@ def query_blocks(T: int) -> int:
     return T // ATTENTION_QUERY_BLOCK if T >= ATTENTION_BLOCKS_FROM else 1
 
 
-def _query_blocks(T: int, blocks: int) -> list[int]:
+def _block_bounds(T: int, blocks: int) -> list[int]:
     """Bounds of the query blocks of masked_attention: [0, ..., T], blocks of (nearly) equal size."""
     n = max(1, min(blocks, T))
     return [T * i // n for i in range(n + 1)]
