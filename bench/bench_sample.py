@@ -21,6 +21,7 @@ import torch
 import common  # noqa: F401  (puts the project on sys.path)
 from common import interleaved, merge_results
 from model import Transformer, preset
+from model.transformer import compile_inference
 from sample import logits as L
 from tokenizers_mm import special
 
@@ -87,8 +88,9 @@ def compiled_copy(model: Transformer) -> Transformer:
 def hf_generate(model: Transformer, prompt: torch.Tensor, new: int, bf16: bool, compiled: bool = False,
                 frozen: bool = False, guidance: float = 1.0, dtype: torch.dtype = torch.float32):
     """transformers' generate() on a LlamaForCausalLM of the same dimensions. frozen: compiled as our
-    compile_decoding() compiles (Inductor freezing and its C++ wrapper), so that the comparison is
-    between the decoding loops, not between compiler settings."""
+    compile_decoding() compiles (`compile_inference`: Inductor freezing, max-autotune's GEMM template
+    and the C++ wrapper), so that the comparison is between the decoding loops, not between
+    compiler settings."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     c = model.config
@@ -98,8 +100,7 @@ def hf_generate(model: Transformer, prompt: torch.Tensor, new: int, bf16: bool, 
         rms_norm_eps=c.norm_eps, rope_theta=c.rope_base, attn_implementation="sdpa")).eval().to(dtype)
     if compiled:  # transformers' documented fast path: a static KV cache and a compiled forward
         hf.generation_config.cache_implementation = "static"
-        hf.forward = torch.compile(hf.forward, dynamic=False,
-                                   options={"freezing": True, "cpp_wrapper": True} if frozen else None)
+        hf.forward = compile_inference(hf.forward) if frozen else torch.compile(hf.forward, dynamic=False)
 
     guide = {} if guidance == 1.0 else {"guidance_scale": guidance,
                                          "negative_prompt_ids": torch.tensor([UNCOND] * len(prompt))}

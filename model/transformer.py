@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -171,6 +171,21 @@ DECODE_CACHE_BUCKET = 64  # compiled decoding rounds its cache length up to a mu
 DECODE_RECOMPILE_LIMIT = 64  # graphs per function dynamo keeps compiling before it falls back to eager
 
 
+def one_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Attention of one query per row, as products and sums that Inductor fuses into a few loops.
+
+    q (B, H, 1, hd), k and v (B, H, L, hd), mask (B or 1, 1, 1, L) bool (True = may attend);
+    returns (B, H, 1, hd), SDPA's result up to float32 summation order. For compiled decoding
+    steps on the CPU: SDPA's CPU kernel costs ~30 µs a call even for one row of 4 heads against
+    128 keys, and ~140 µs for 16 rows (AMX Xeon, bf16), a quarter of a step; there is too little
+    work in one query to pay for its blocking. Eager, the (B, H, L, hd) products would be
+    materialised: there SDPA stays.
+    """
+    scores = (q.float() * k.float()).sum(-1) * q.shape[-1] ** -0.5  # (B, H, L)
+    probs = scores.masked_fill(~mask[:, :, 0], float("-inf")).softmax(-1)
+    return (probs.unsqueeze(-1) * v.float()).sum(-2, keepdim=True).to(q.dtype)
+
+
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, blocks: int | None = None) -> Tensor:
     """q, k, v (B, H, T, hd), mask (B or 1, 1, T, T) bool, True = may attend, causal (no query
     attends a later key) -> (B, H, T, hd).
@@ -185,6 +200,48 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, blocks: int 
         dtype = torch.get_autocast_dtype(device)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     return _MaskedAttention.apply(q, k, v, mask, query_blocks(q.shape[-2]) if blocks is None else blocks)
+
+
+def compile_inference(fn: Callable[..., Tensor], *, freeze: bool = True, autotune: bool = True,
+                      cpp_wrapper: bool = True) -> Callable[..., Tensor]:
+    """`torch.compile` an inference function of fixed shapes (a decoding step), as fast as this
+    CPU runs it. Call the result under torch.no_grad().
+
+    freeze: Inductor's freezing folds the module's weights into the graph as constants, pre-packed
+      for the CPU's matrix kernels (and, under bf16 autocast, cast once instead of at every step).
+    autotune (with freeze): Inductor's max-autotune picks, for every matrix product, between
+      oneDNN and its own C++ GEMM template (AMX / AVX-512 micro-kernels inlined into the graph).
+      One-token steps multiply a handful of rows by each weight, where a oneDNN call costs
+      ~20-30 µs whatever its size and the template's kernels a few µs (AMX Xeon, bf16, one
+      256×768 weight: 1 row 46 → 16 µs, 16 rows 54 → 25 µs). It lengthens compilation by ~50%.
+    cpp_wrapper: a C++ wrapper around the generated kernels instead of a Python one (CPU only): a
+      step launches ~60 small kernels, and their Python glue was a third of a batch-1 step (2-core
+      EPYC, bf16 weights: 2.55 → 1.8 ms a step; ~10 s more compilation).
+    """
+    options: dict[str, Any] = {"cpp_wrapper": cpp_wrapper}
+    if freeze and autotune:
+        options.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
+    if not freeze:
+        return torch.compile(fn, dynamic=False, options=options)
+    # Frozen, the weights are constants of the graph: Dynamo's ~700 guards on the modules (their
+    # types, attributes, hooks, parameters) protect nothing a call could change, and checking them
+    # took ~140 µs a step. The guards on the arguments (shapes, dtypes, constants) stay.
+    options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    compiled = torch.compile(fn, dynamic=False, options=options)
+    config = torch._inductor.config
+
+    def frozen(*args: Any, **kwargs: Any) -> Tensor:
+        # Dynamo decides whether parameters become constants while it traces, from Inductor's
+        # global flag: `torch.compile(options={"freezing": True})` reaches Inductor only after
+        # tracing and so froze nothing (torch 2.13: every weight stayed a graph input, multiplied
+        # by unpacked aten.mm). Set around each call, it also covers recompiles, and nothing else.
+        before, config.freezing = config.freezing, True
+        try:
+            return compiled(*args, **kwargs)
+        finally:
+            config.freezing = before
+
+    return frozen
 
 
 class KVCache(nn.Module):
@@ -277,6 +334,8 @@ class Attention(nn.Module):
             if mask is None:  # one causal sequence per row
                 mask = torch.ones(T, k.shape[-2], dtype=torch.bool, device=q.device).tril()
             y = masked_attention(q, k, v, mask, self.attention_blocks)  # CPU training (see _MaskedAttention)
+        elif T == 1 and mask is not None and q.device.type == "cpu" and torch.compiler.is_compiling():
+            y = one_query_attention(q, k, v, mask)  # a compiled decoding step (see there)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout)
         B, H, T, hd = y.shape
@@ -452,6 +511,8 @@ class Transformer(nn.Module):
         # image follows (a plain attribute, like the KV caches: never in a state_dict)
         self._cached_ids: Tensor | None = None
         self._compiled_step: Callable[..., Tensor] | None = None  # see compile_decoding()
+        # compiled decoding's KV caches (and ids), kept per (batch, length, dtype, device): see setup_caches
+        self._cache_pool: dict[tuple, tuple[list[KVCache], Tensor | None]] = {}
         self._compiled_scoring: Callable[..., Tensor] | None = None  # see compile_scoring()
         self.reset_parameters()
 
@@ -533,11 +594,23 @@ class Transformer(nn.Module):
         if (self._cache_shape == (max_batch_size, max_seq_len) and first is not None and first.k.dtype == dtype
                 and first.k.device == device):
             return  # same shape: keep the buffers (a compiled decode step stays valid; stale rows are never read)
-        for layer in self.layers:
-            layer.attn.kv_cache = KVCache(max_batch_size, max_seq_len, self.config.n_kv_head,
-                                          self.config.head_dim, dtype, device)
-        if self.img_pos_emb is not None:
-            self._cached_ids = torch.zeros(max_batch_size, max_seq_len, dtype=torch.long, device=device)
+        key = (max_batch_size, max_seq_len, dtype, device)
+        if key in self._cache_pool:
+            caches, ids = self._cache_pool[key]
+        else:
+            caches = [KVCache(max_batch_size, max_seq_len, self.config.n_kv_head, self.config.head_dim, dtype, device)
+                      for _ in self.layers]
+            ids = torch.zeros(max_batch_size, max_seq_len, dtype=torch.long, device=device) \
+                if self.img_pos_emb is not None else None
+            if self._compiled_step is not None:
+                # a frozen compiled step guards the identity of the cache tensors it was traced
+                # with (Dynamo treats module tensors as constants when freezing): new ones of the
+                # same shape would recompile it (~15-30 s) at every generation. So compiled
+                # decoding keeps one set of caches per shape and reuses it.
+                self._cache_pool[key] = (caches, ids)
+        for layer, cache in zip(self.layers, caches):
+            layer.attn.kv_cache = cache
+        self._cached_ids = ids
         self._cache_shape = (max_batch_size, max_seq_len)
 
     def clear_caches(self) -> None:
@@ -612,7 +685,8 @@ class Transformer(nn.Module):
         ids.index_copy_(1, input_pos, idx)
         return image_positions(ids[:, :kv_len], self.config.image_pos_emb).index_select(1, input_pos)
 
-    def decode_step(self, idx: Tensor, input_pos: Tensor, key_valid: Tensor) -> Tensor:
+    def decode_step(self, idx: Tensor, input_pos: Tensor, key_valid: Tensor,
+                    then: Callable[..., Tensor] | None = None, then_args: tuple = ()) -> Tensor | tuple[Tensor, Tensor]:
         """One new token per row with static shapes: the decoding step `torch.compile` can fuse.
 
         idx: (B, 1) long; input_pos: (1,) long, the position written; key_valid: (B, max_seq_len)
@@ -620,6 +694,9 @@ class Transformer(nn.Module):
         input_pos masked out) instead of slicing the filled prefix, so every step has the same
         shapes and no host sync: one compiled graph serves a whole generation (gpt-fast's design).
         Equals forward_cached up to float summation order. Returns logits (B, 1, V).
+        then: a function of the logits (B, V) and then_args, e.g. a sampler's draw, computed in the
+        same graph when compiled (no eager kernels between steps); the step then returns
+        (logits, then(logits, *then_args)).
         """
         _, max_len = self._require_caches()
         mask = (torch.arange(max_len, device=idx.device) <= input_pos)[None, None, None, :]
@@ -628,33 +705,27 @@ class Transformer(nn.Module):
         x = self._embed(idx, self._cached_image_positions(idx, input_pos, max_len))
         for layer in self.layers:
             x = layer.forward_cached(x, cos, sin, input_pos, mask, max_len)
-        return self.head(self.norm(x))
+        logits = self.head(self.norm(x))
+        return logits if then is None else (logits, then(logits[:, -1], *then_args))
 
-    def compile_decoding(self, enable: bool = True, freeze: bool = True) -> None:
+    def compile_decoding(self, enable: bool = True, freeze: bool = True, autotune: bool = True) -> None:
         """Use a `torch.compile`d `decode_step` in the samplers (sample/generate.py).
 
-        Pays about 20-60 s of compilation on this CPU per (batch, cache length) shape, then
+        Pays about 20-40 s of compilation on this CPU per (batch, cache length) shape, then
         decodes faster (bench/bench_sample.py); worth it for long or repeated generation
         (evaluations, benchmarks, a demo server), not for one image from the CLI.
 
-        freeze: Inductor's freezing folds the weights into the graph as constants, so they are
-        pre-packed for the CPU's matrix kernels and, under bf16 autocast, cast to bf16 once
-        instead of at every step. One-token decoding reads every weight per step, so this is
-        what bounds it on a CPU (2-core AMD EPYC, batch 1: 4.8 → 3.9 ms a step in float32,
-        3.4 → 2.1 ms under bf16 autocast). The weights are captured at the first call: after
-        loading new ones, call compile_decoding() again.
+        freeze, autotune: see `compile_inference`. Frozen, the weights are captured at the first
+        call: after loading new ones, call compile_decoding() again.
         """
         # one graph per (batch, cache length); every Transformer shares decode_step's code, so a
         # process that decodes a few batch sizes with float32 and bf16 copies passes dynamo's default
         # of 8 graphs per function, past which it silently runs eager (seen in bench runs)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, DECODE_RECOMPILE_LIMIT)
-        options = {"freezing": True} if freeze else {}
-        if self.tok_emb.weight.device.type == "cpu":
-            # a C++ wrapper around the generated kernels instead of a Python one: a step launches
-            # ~60 small kernels, and their Python glue was a third of a batch-1 step (2-core EPYC,
-            # bf16 weights: 2.55 → 1.8 ms a step; at batch 16 no change; ~10 s more compilation)
-            options["cpp_wrapper"] = True
-        self._compiled_step = torch.compile(self.decode_step, dynamic=False, options=options) if enable else None
+        self._cache_pool = {}
+        self._compiled_step = compile_inference(self.decode_step, freeze=freeze, autotune=autotune,
+                                                cpp_wrapper=self.tok_emb.weight.device.type == "cpu") \
+            if enable else None
 
     def decoding_cache_len(self, needed: int) -> int:
         """The KV cache length a sampler should allocate to decode `needed` positions.
@@ -689,14 +760,21 @@ class Transformer(nn.Module):
         twin = copy.deepcopy(self)
         twin.clear_caches()
         twin._compiled_step = twin._compiled_scoring = None
+        twin._cache_pool = {}
         twin.to(dtype)
         twin.rope_cos, twin.rope_sin = self.rope_cos.clone(), self.rope_sin.clone()
         return twin.eval()
 
-    def step(self, idx: Tensor, input_pos: Tensor, key_valid: Tensor) -> Tensor:
+    def step(self, idx: Tensor, input_pos: Tensor, key_valid: Tensor,
+             then: Callable[..., Tensor] | None = None, then_args: tuple = ()) -> Tensor | tuple[Tensor, Tensor]:
         """The decoding step the samplers call: `decode_step`, compiled if `compile_decoding()` ran."""
         fn = self._compiled_step or self.decode_step
-        return fn(idx, input_pos, key_valid)
+        return fn(idx, input_pos, key_valid, then, then_args)
+
+    @property
+    def decoding_compiled(self) -> bool:
+        """Whether compile_decoding() is on."""
+        return self._compiled_step is not None
 
     def compile_scoring(self, enable: bool = True) -> None:
         """Use a `torch.compile`d `forward_cached` in `score_forward` (sample/classify.py).

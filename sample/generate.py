@@ -130,32 +130,21 @@ def generate_ids(model: Transformer, tokenizer: MultimodalTokenizer, prompts: Se
 
     logits = model.forward_cached(ids.to(device), torch.arange(T0, device=device), key_valid=key_valid)[:, -1]
     penalise = sampling.repetition_penalty != 1.0
+    # Compiled decoding draws the codes of rows that are all inside an image in the step's own
+    # graph (L.draw_image_code, after the step's logits): no eager kernels between steps. The
+    # same uniforms are drawn in the same order as the eager path's, so a seed draws the same
+    # images up to float rounding.
+    fused = model.decoding_compiled and sampling.strategy == "sample" and allow_image
+    draw_args = (tokenizer.image_offset, tokenizer.vocab_size, sampling.guidance, sampling.image_temperature,
+                 sampling.image_top_k)
+    no_uniforms = torch.zeros(B, 1, dtype=torch.float64)
+    drawn_codes: torch.Tensor | None = None  # the fused draw of this step's tokens, when every live row draws a code
     for t in range(max_new_tokens):
-        logits = logits.float().cpu()
-        cond = logits[:B]
         room_for_image = max_new_tokens - t >= n_img + 2
         state = [(_TEXT if room_for_image else _TEXT_NO_ROOM) if p < 0 else _DRAWING if p < n_img else _CLOSING
                  for p in image_pos]
-        imaging = [s >= _DRAWING for s in state]
-        in_image = torch.tensor(imaging)
-        mask = table[torch.tensor(state)]
-        if guided:
-            if sampling.strategy == "cdk":
-                guided_lp = L.cd_k(cond, logits[B:], sampling.cdk_k)
-            else:
-                guided_lp = L.classifier_free_guidance(cond, logits[B:], sampling.guidance)
-            cond = torch.where(in_image[:, None], guided_lp, cond.log_softmax(-1))
-        tok = torch.full((B,), special.PAD_ID, dtype=torch.long)
-        # each modality's filters run only when some live row needs them (inside an image, the
-        # text filters would be discarded: most steps of text→image decoding)
-        if any(not d and not i for d, i in zip(done, imaging)):
-            text_logits = L.repetition_penalty(cond, _history_tensor(history), sampling.repetition_penalty) \
-                if penalise else cond
-            text_logits = L.top_p_filter(L.top_k_filter(L.apply_mask(text_logits, mask), sampling.top_k), sampling.top_p)
-            tok = L.sample_token(text_logits, sampling.temperature, generator)
-        if any(not d and i for d, i in zip(done, imaging)):
-            image_logits = L.top_k_filter(L.apply_mask(cond, mask), sampling.image_top_k)
-            tok = torch.where(in_image, L.sample_token(image_logits, sampling.image_temperature, generator), tok)
+        tok = drawn_codes if drawn_codes is not None else \
+            _draw(logits.float().cpu(), state, done, history, table, sampling, generator)
         drawn = tok.tolist()
         for r in range(B):
             if done[r]:
@@ -182,9 +171,44 @@ def generate_ids(model: Transformer, tokenizer: MultimodalTokenizer, prompts: Se
             break
         step_ids = torch.tensor(drawn + drawn if guided else drawn)  # the guidance stream follows the draws
         pos = torch.tensor([T0 + t], device=device)
-        logits = model.step(step_ids[:, None].to(device), pos, key_valid)[:, -1]
+        if fused:
+            codes_next = all(d or 0 <= p < n_img for d, p in zip(done, image_pos))
+            logits, drawn_codes = model.step(step_ids[:, None].to(device), pos, key_valid, L.draw_image_code,
+                                             (L.uniforms(B, generator) if codes_next else no_uniforms,) + draw_args)
+            logits, drawn_codes = logits[:, -1], drawn_codes.cpu() if codes_next else None
+        else:
+            logits = model.step(step_ids[:, None].to(device), pos, key_valid)[:, -1]
     model.clear_caches()
     return out
+
+
+def _draw(logits: torch.Tensor, state: list[int], done: list[bool], history: list[list[int]], table: torch.Tensor,
+          sampling: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
+    """One step's tokens (B,) from its logits (B or 2B, V) under the rows' decoding states."""
+    B = len(state)
+    cond = logits[:B]
+    imaging = [s >= _DRAWING for s in state]
+    in_image = torch.tensor(imaging)
+    mask = table[torch.tensor(state)]
+    guided = logits.shape[0] > B
+    if guided:
+        if sampling.strategy == "cdk":
+            guided_lp = L.cd_k(cond, logits[B:], sampling.cdk_k)
+        else:
+            guided_lp = L.classifier_free_guidance(cond, logits[B:], sampling.guidance)
+        cond = torch.where(in_image[:, None], guided_lp, cond.log_softmax(-1))
+    tok = torch.full((B,), special.PAD_ID, dtype=torch.long)
+    # each modality's filters run only when some live row needs them (inside an image, the
+    # text filters would be discarded: most steps of text→image decoding)
+    if any(not d and not i for d, i in zip(done, imaging)):
+        text_logits = L.repetition_penalty(cond, _history_tensor(history), sampling.repetition_penalty) \
+            if sampling.repetition_penalty != 1.0 else cond
+        text_logits = L.top_p_filter(L.top_k_filter(L.apply_mask(text_logits, mask), sampling.top_k), sampling.top_p)
+        tok = L.sample_token(text_logits, sampling.temperature, generator)
+    if any(not d and i for d, i in zip(done, imaging)):
+        image_logits = L.top_k_filter(L.apply_mask(cond, mask), sampling.image_top_k)
+        tok = torch.where(in_image, L.sample_token(image_logits, sampling.image_temperature, generator), tok)
+    return tok
 
 
 def _history_tensor(history: list[list[int]]) -> torch.Tensor:

@@ -112,11 +112,37 @@ def sample_token(logits: Tensor, temperature: float, generator: torch.Generator 
     """Draw one token per row from logits (B, V); temperature 0 is greedy. Returns (B,) long."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = (logits.float() / temperature).softmax(-1)
     # inverse-CDF draw, one uniform per row. torch.multinomial draws a random number per
     # vocabulary entry: 18 µs a row of 1,015 tokens on a 2-core Xeon, the largest cost of a
-    # batch-16 decoding step outside the model (bench/bench_sample.py). Tokens of probability 0
-    # leave the CDF flat and are never drawn.
-    cdf = probs.double().cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, generator=generator) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+    # batch-16 decoding step outside the model (bench/bench_sample.py).
+    return draw_token(logits, temperature, uniforms(logits.shape[0], generator))
+
+
+def uniforms(rows: int, generator: torch.Generator | None) -> Tensor:
+    """The (rows, 1) float64 uniforms sample_token draws with."""
+    return torch.rand(rows, 1, dtype=torch.float64, generator=generator)
+
+
+def draw_token(logits: Tensor, temperature: float, u: Tensor) -> Tensor:
+    """sample_token with its uniforms u (B, 1) given: the token whose CDF interval holds u.
+    Tokens of probability 0 leave the CDF flat and are never drawn. Returns (B,) long."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    cdf = (logits.float() / temperature).softmax(-1).double().cumsum(-1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)
+
+
+def draw_image_code(logits: Tensor, u: Tensor, lo: int, hi: int, guidance: float, temperature: float,
+                    top_k: int | None) -> Tensor:
+    """The next image code of rows that are all inside an image, as generate_ids draws it:
+    logits (B or 2B, V), the guidance stream's rows after the conditional ones when there are 2B;
+    codes are ids [lo, hi); u (B, 1) as in draw_token. Classifier-free guidance, top-k and
+    temperature over the codes alone: the other tokens are masked out in an image, and the
+    normalisers that guidance takes over the whole vocabulary differ from these by a constant
+    per row, which sampling ignores. Returns (B,) long ids. A pure function of tensors: compiled
+    decoding computes it inside the step's graph (Transformer.decode_step's `then`)."""
+    B = u.shape[0]
+    codes = logits[:B, lo:hi].float()
+    if logits.shape[0] > B:
+        codes = classifier_free_guidance(codes, logits[B:, lo:hi], guidance)
+    return draw_token(top_k_filter(codes, top_k), temperature, u) + lo
