@@ -203,7 +203,7 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, blocks: int 
 
 
 def compile_inference(fn: Callable[..., Tensor], *, freeze: bool = True, autotune: bool = True,
-                      cpp_wrapper: bool = True) -> Callable[..., Tensor]:
+                      cpp_wrapper: bool = True, keep_guards: tuple[str, ...] = ()) -> Callable[..., Tensor]:
     """`torch.compile` an inference function of fixed shapes (a decoding step), as fast as this
     CPU runs it. Call the result under torch.no_grad().
 
@@ -217,6 +217,8 @@ def compile_inference(fn: Callable[..., Tensor], *, freeze: bool = True, autotun
     cpp_wrapper: a C++ wrapper around the generated kernels instead of a Python one (CPU only): a
       step launches ~60 small kernels, and their Python glue was a third of a batch-1 step (2-core
       EPYC, bf16 weights: 2.55 → 1.8 ms a step; ~10 s more compilation).
+    keep_guards (with freeze): names of module attributes that may be replaced between calls
+      (KV caches), whose guards stay when the modules' other guards go (see below).
     """
     options: dict[str, Any] = {"cpp_wrapper": cpp_wrapper}
     if freeze and autotune:
@@ -225,8 +227,14 @@ def compile_inference(fn: Callable[..., Tensor], *, freeze: bool = True, autotun
         return torch.compile(fn, dynamic=False, options=options)
     # Frozen, the weights are constants of the graph: Dynamo's ~700 guards on the modules (their
     # types, attributes, hooks, parameters) protect nothing a call could change, and checking them
-    # took ~140 µs a step. The guards on the arguments (shapes, dtypes, constants) stay.
-    options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    # took ~140 µs a step. The guards on the arguments (shapes, dtypes, constants) stay, and those
+    # on the attributes named in keep_guards: frozen, a module's tensors are baked into the graph,
+    # so a replaced cache must fail its identity guard and recompile, never be silently ignored.
+    def guard_filter(entries: list) -> list[bool]:
+        return [not e.orig_guard.source.is_unspecialized_nn_module() or any(k in e.name for k in keep_guards)
+                for e in entries]
+
+    options["guard_filter_fn"] = guard_filter
     compiled = torch.compile(fn, dynamic=False, options=options)
     config = torch._inductor.config
 
@@ -723,9 +731,10 @@ class Transformer(nn.Module):
         # of 8 graphs per function, past which it silently runs eager (seen in bench runs)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, DECODE_RECOMPILE_LIMIT)
         self._cache_pool = {}
+        self.clear_caches()  # so that the step only ever sees pooled caches (setup_caches)
         self._compiled_step = compile_inference(self.decode_step, freeze=freeze, autotune=autotune,
-                                                cpp_wrapper=self.tok_emb.weight.device.type == "cpu") \
-            if enable else None
+                                                cpp_wrapper=self.tok_emb.weight.device.type == "cpu",
+                                                keep_guards=("kv_cache", "_cached_ids")) if enable else None
 
     def decoding_cache_len(self, needed: int) -> int:
         """The KV cache length a sampler should allocate to decode `needed` positions.

@@ -141,6 +141,9 @@ def test_compiled_decoding_compiles_once_for_prompts_of_different_lengths(tiny_t
     assert model.decoding_cache_len(70) == 128 and model.decoding_cache_len(150) == 160
     before = counters["stats"]["unique_graphs"]
     for caption in ("a red circle", "a small blue square in the top left of the picture"):
+        # caches of another shape in between (as classification allocates) must not cost a recompile
+        model.setup_caches(3, 40)
+        model.clear_caches()
         cond, _ = text_to_image_prompts(t, [caption])
         new = generate_ids(model, t, cond, max_new_tokens=t.image_tokens + 1, stop_after_images=1, seed=0)
         assert len(new[0]) == t.image_tokens + 1 and new[0][-1] == special.EOI_ID

@@ -14,7 +14,7 @@ from model import (
     positions_from_doc_ids,
     preset,
 )
-from model.transformer import masked_attention, packing_mask
+from model.transformer import masked_attention, one_query_attention, packing_mask
 from model.config import PRESET_PARAMS_AT_65536
 
 VOCAB = 300
@@ -87,6 +87,58 @@ def test_static_decode_step_matches_full_forward_with_left_padding(compiled):
     got = torch.cat(steps, dim=1)
     torch.testing.assert_close(got[0], full_short[0, 5:12], atol=1e-4, rtol=0)
     torch.testing.assert_close(got[1], full_long[0, 8:15], atol=1e-4, rtol=0)
+
+
+def test_one_query_attention_equals_sdpa():
+    # the compiled decoding step's attention (products and sums Inductor fuses) against SDPA
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 4, 1, 16), torch.randn(3, 4, 20, 16), torch.randn(3, 4, 20, 16)
+    mask = torch.rand(3, 1, 1, 20) < 0.6
+    mask[..., 0] = True  # every row sees some key
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(one_query_attention(q, k, v, mask), want, atol=1e-5, rtol=0)
+    bf = [t.bfloat16() for t in (q, k, v)]
+    got = one_query_attention(*bf, mask)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_decode_step_computes_then_on_its_logits(compiled):
+    # a sampler's draw runs inside the step (its compiled graph when compiled)
+    model = make_model()
+    if compiled:
+        model.compile_decoding()
+    key_valid = torch.ones(2, 16, dtype=torch.bool)
+    ids = torch.randint(0, VOCAB, (2, 1))
+    with torch.no_grad():
+        model.setup_caches(2, 16)
+        model.forward_cached(torch.randint(0, VOCAB, (2, 5)), torch.arange(5))
+        logits, top = model.step(ids, torch.tensor([5]), key_valid, torch.topk, (3,))
+    assert logits.shape == (2, 1, VOCAB)
+    assert torch.equal(top.indices, torch.topk(logits[:, -1], 3).indices)
+
+
+def test_compiled_decoding_freezes_the_weights():
+    # compile_decoding folds the weights into the graph (pre-packed for the CPU's GEMMs): changing
+    # them afterwards leaves the compiled step as it was. Passed through torch.compile's options,
+    # freezing once did nothing at all, silently; this catches that.
+    model = make_model()
+    model.compile_decoding()
+    key_valid = torch.ones(1, 8, dtype=torch.bool)
+    ids = torch.randint(0, VOCAB, (1, 1))
+
+    def step() -> torch.Tensor:
+        model.setup_caches(1, 8)
+        return model.step(ids, torch.tensor([0]), key_valid)
+
+    with torch.no_grad():
+        before = step()
+        model.layers[0].mlp.w2.weight.mul_(3.0)
+        after = step()
+        eager = model.decode_step(ids, torch.tensor([0]), key_valid)
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+    assert (eager - before).abs().max() > 1e-3
 
 
 def decode_bf16_cache(model: Transformer, idx: torch.Tensor, prefill: int = 8) -> torch.Tensor:

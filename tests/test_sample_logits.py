@@ -111,3 +111,24 @@ def test_cd_k_scores_only_the_conditional_top_k_by_contrast():
     out = L.cd_k(cond, uncond, 2)
     assert torch.isfinite(out).tolist() == [[True, True, False, False]]
     assert out.argmax(-1).item() == 1  # token 1 gains most from the condition
+
+
+def test_the_fused_image_code_draw_equals_the_eager_one():
+    # compiled decoding draws codes with draw_image_code inside the step's graph; with the same
+    # uniforms it must pick what generate_ids' eager path picks (guidance over the whole
+    # vocabulary, then the image mask) for every guidance, temperature and top-k
+    torch.manual_seed(0)
+    B = 6
+    drawing = L.allowed_tokens(torch.zeros(B, dtype=torch.long), torch.full((B,), N + 1), text_vocab_size=TEXT_V,
+                               vocab_size=V, image_tokens=N)
+    for guidance, temperature, top_k in [(1.0, 1.0, None), (3.0, 0.7, None), (3.0, 1.0, 5), (2.0, 0.0, None)]:
+        logits = torch.randn(2 * B if guidance != 1.0 else B, V) * 3
+        eager = logits[:B]
+        if guidance != 1.0:
+            eager = L.classifier_free_guidance(eager, logits[B:], guidance)
+        eager = L.top_k_filter(L.apply_mask(eager, drawing), top_k)
+        for seed in range(5):
+            want = L.sample_token(eager, temperature, torch.Generator().manual_seed(seed))
+            u = L.uniforms(B, torch.Generator().manual_seed(seed))
+            got = L.draw_image_code(logits, u, TEXT_V, V, guidance, temperature, top_k)
+            assert torch.equal(got, want), (guidance, temperature, top_k, seed)
