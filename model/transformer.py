@@ -698,7 +698,7 @@ class Transformer(nn.Module):
         """One new token per row with static shapes: the decoding step `torch.compile` can fuse.
 
         idx: (B, 1) long; input_pos: (1,) long, the position written; key_valid: (B, max_seq_len)
-        bool as in forward_cached. Unlike forward_cached it attends to the whole cache (keys past
+        bool as in forward_cached. (B, T) ids at T positions work too: a compiled prefill. Unlike forward_cached it attends to the whole cache (keys past
         input_pos masked out) instead of slicing the filled prefix, so every step has the same
         shapes and no host sync: one compiled graph serves a whole generation (gpt-fast's design).
         Equals forward_cached up to float summation order. Returns logits (B, 1, V).
@@ -707,8 +707,8 @@ class Transformer(nn.Module):
         (logits, then(logits, *then_args)).
         """
         _, max_len = self._require_caches()
-        mask = (torch.arange(max_len, device=idx.device) <= input_pos)[None, None, None, :]
-        mask = mask & key_valid[:, None, None, :max_len]  # (B, 1, 1, max_len)
+        mask = (torch.arange(max_len, device=idx.device) <= input_pos[:, None])[None, None]  # (1, 1, T, max_len)
+        mask = mask & key_valid[:, None, None, :max_len]  # (B, 1, T, max_len)
         cos, sin = self._rope(input_pos.unsqueeze(0))
         x = self._embed(idx, self._cached_image_positions(idx, input_pos, max_len))
         for layer in self.layers:
@@ -719,7 +719,8 @@ class Transformer(nn.Module):
     def compile_decoding(self, enable: bool = True, freeze: bool = True, autotune: bool = True) -> None:
         """Use a `torch.compile`d `decode_step` in the samplers (sample/generate.py).
 
-        Pays about 20-40 s of compilation on this CPU per (batch, cache length) shape, then
+        Pays about 40-55 s of compilation on this CPU per (batch, cache length) shape (the step and,
+        through generate_ids, the prefill), then
         decodes faster (bench/bench_sample.py); worth it for long or repeated generation
         (evaluations, benchmarks, a demo server), not for one image from the CLI.
 

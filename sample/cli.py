@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="weights to decode with (auto: bf16 where the CPU multiplies it natively, 1.2-1.7x the images/s on a 2-core EPYC)")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the decoding step (20-35 s once per batch shape, then 4-5x the images/s "
+                   help="torch.compile the decoding step (40-55 s once per batch shape, then 4-6x the images/s "
                         "on a 2-core AMX Xeon): pays off for many samples, not for a few")
     g.set_defaults(func=cmd_generate)
 

@@ -128,9 +128,10 @@ def test_sampling_precision_picks_the_decoder_weights_and_scoring_keeps_float32(
 
 
 def test_compiled_decoding_compiles_once_for_prompts_of_different_lengths(tiny_tokenizer):
-    # a compiled decode step is specialised to its cache length: generate_ids rounds the length up
-    # to a bucket (Transformer.decoding_cache_len), so new prompt lengths reuse the graph instead of
-    # compiling one each (and falling back to eager after dynamo's limit)
+    # a compiled decode step is specialised to its cache length, and the compiled prefill to the
+    # prompt's: generate_ids rounds both up to buckets (Transformer.decoding_cache_len,
+    # PREFILL_BUCKET), so new prompt lengths reuse the graphs instead of compiling some each (and
+    # falling back to eager after dynamo's limit)
     from torch._dynamo.utils import counters
 
     t = tiny_tokenizer
@@ -140,11 +141,33 @@ def test_compiled_decoding_compiles_once_for_prompts_of_different_lengths(tiny_t
     model.compile_decoding()
     assert model.decoding_cache_len(70) == 128 and model.decoding_cache_len(150) == 160
     before = counters["stats"]["unique_graphs"]
-    for caption in ("a red circle", "a small blue square in the top left of the picture"):
+    for caption in ("a red circle", "a small blue square in the top left"):
         # caches of another shape in between (as classification allocates) must not cost a recompile
         model.setup_caches(3, 40)
         model.clear_caches()
         cond, _ = text_to_image_prompts(t, [caption])
         new = generate_ids(model, t, cond, max_new_tokens=t.image_tokens + 1, stop_after_images=1, seed=0)
         assert len(new[0]) == t.image_tokens + 1 and new[0][-1] == special.EOI_ID
-    assert counters["stats"]["unique_graphs"] - before == 1
+    assert counters["stats"]["unique_graphs"] - before == 2  # the prefill and the step
+
+
+def test_compiled_decoding_draws_what_eager_decoding_draws(tiny_tokenizer):
+    # compiled, the prompt is padded further left and prefilled in a graph, and the codes are drawn
+    # inside the step's graph; with the same seed the images must come out the same (float32:
+    # the CDF differences are ~1e-7, a draw would need to land that close to a boundary)
+    t = tiny_tokenizer
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=t.vocab_size, block_size=160)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.1)  # sharper than the init, so that draws differ by prompt
+    cond, uncond = text_to_image_prompts(t, ["a red circle", "a small blue square in the top left"])
+    for guidance in (1.0, 3.0):
+        runs = []
+        for compiled in (False, True):
+            model.compile_decoding(enable=compiled, autotune=False)  # autotuning only picks kernels: spare its time
+            runs.append(generate_ids(model, t, cond, max_new_tokens=t.image_tokens + 1, uncond_prompts=uncond,
+                                     stop_after_images=1, seed=3, sampling=SamplingConfig(guidance=guidance)))
+        assert runs[0] == runs[1], guidance
+        assert runs[0][0] != runs[0][1]  # the two prompts drew different images
