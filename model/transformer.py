@@ -610,7 +610,7 @@ class Transformer(nn.Module):
                       for _ in self.layers]
             ids = torch.zeros(max_batch_size, max_seq_len, dtype=torch.long, device=device) \
                 if self.img_pos_emb is not None else None
-            if self._compiled_step is not None:
+            if self.decoding_compiled:
                 # a frozen compiled step guards the identity of the cache tensors it was traced
                 # with (Dynamo treats module tensors as constants when freezing): new ones of the
                 # same shape would recompile it (~15-30 s) at every generation. So compiled
@@ -698,10 +698,11 @@ class Transformer(nn.Module):
         """One new token per row with static shapes: the decoding step `torch.compile` can fuse.
 
         idx: (B, 1) long; input_pos: (1,) long, the position written; key_valid: (B, max_seq_len)
-        bool as in forward_cached. (B, T) ids at T positions work too: a compiled prefill. Unlike forward_cached it attends to the whole cache (keys past
-        input_pos masked out) instead of slicing the filled prefix, so every step has the same
-        shapes and no host sync: one compiled graph serves a whole generation (gpt-fast's design).
-        Equals forward_cached up to float summation order. Returns logits (B, 1, V).
+        bool as in forward_cached. (B, T) ids at T positions work too (a compiled prefill). Unlike
+        forward_cached it attends to the whole cache (keys past input_pos masked out) instead of
+        slicing the filled prefix, so every step has the same shapes and no host sync: one compiled
+        graph serves a whole generation (gpt-fast's design). Equals forward_cached up to float
+        summation order. Returns logits (B, T, V).
         then: a function of the logits (B, V) and then_args, e.g. a sampler's draw, computed in the
         same graph when compiled (no eager kernels between steps); the step then returns
         (logits, then(logits, *then_args)).
@@ -745,7 +746,7 @@ class Transformer(nn.Module):
         length: without buckets every new prompt length compiled a new graph (20-60 s on a 2-core
         CPU) and after 8 of them decoding fell back to eager. The extra slots are masked out.
         """
-        if self._compiled_step is None or needed >= self.config.block_size:
+        if not self.decoding_compiled or needed >= self.config.block_size:
             return needed
         return min(-(-needed // DECODE_CACHE_BUCKET) * DECODE_CACHE_BUCKET, self.config.block_size)
 

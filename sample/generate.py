@@ -62,9 +62,9 @@ _TEXT, _TEXT_NO_ROOM, _DRAWING, _CLOSING = range(4)  # decoding states, see gene
 PREFILL_BUCKET = 16  # compiled decoding left-pads prompts to a multiple of this many tokens
 
 
-def left_pad(rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad id lists to one length -> ids (B, T) and key_valid (B, T) bool."""
-    T = max(len(r) for r in rows)
+def left_pad(rows: Sequence[Sequence[int]], multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id lists to one length, a multiple of `multiple` -> ids (B, T) and key_valid (B, T) bool."""
+    T = -(-max(len(r) for r in rows) // multiple) * multiple
     ids = torch.full((len(rows), T), special.PAD_ID, dtype=torch.long)
     valid = torch.zeros(len(rows), T, dtype=torch.bool)
     for i, r in enumerate(rows):
@@ -101,14 +101,12 @@ def generate_ids(model: Transformer, tokenizer: MultimodalTokenizer, prompts: Se
     if guided and (uncond_prompts is None or len(uncond_prompts) != B):
         raise ValueError("classifier-free guidance and CD-K need one unconditional prompt per prompt")
     rows = list(prompts) + (list(uncond_prompts) if guided else [])
-    ids, valid = left_pad(rows)
-    if model.decoding_compiled:
-        # compiled, the prefill is a graph too (one per prompt length): pad prompts further left to
-        # a multiple of PREFILL_BUCKET so that captions of different lengths share it
-        T = -(-ids.shape[1] // PREFILL_BUCKET) * PREFILL_BUCKET
-        if T + max_new_tokens <= model.config.block_size:
-            ids, valid = (torch.cat([torch.full((len(rows), T - ids.shape[1]), fill, dtype=x.dtype), x], dim=1)
-                          for x, fill in ((ids, special.PAD_ID), (valid, False)))
+    # compiled, the prefill is a graph too (one per prompt length): prompts are padded further left
+    # to a multiple of PREFILL_BUCKET, where that fits, so that captions of different lengths share it
+    bucket = PREFILL_BUCKET if model.decoding_compiled else 1
+    ids, valid = left_pad(rows, bucket)
+    if ids.shape[1] + max_new_tokens > model.config.block_size:
+        ids, valid = left_pad(rows)
     T0 = ids.shape[1]
     total = T0 + max_new_tokens
     if total > model.config.block_size:
@@ -145,14 +143,18 @@ def generate_ids(model: Transformer, tokenizer: MultimodalTokenizer, prompts: Se
     draw_args = (tokenizer.image_offset, tokenizer.vocab_size, sampling.guidance, sampling.image_temperature,
                  sampling.image_top_k)
     no_uniforms = torch.zeros(B, 1, dtype=torch.float64)
-    drawn_codes: torch.Tensor | None = None  # the fused draw of this step's tokens, when every live row draws a code
-    if fused:  # the prefill through the compiled step (eager, it was an eighth of a 16-row image's time)
-        codes_next = all(0 <= p < n_img for p in image_pos)
-        logits, drawn_codes = model.step(ids.to(device), torch.arange(T0, device=device), key_valid, L.draw_image_code,
-                                         (L.uniforms(B, generator) if codes_next else no_uniforms,) + draw_args)
-        logits, drawn_codes = logits[:, -1], drawn_codes.cpu() if codes_next else None
-    else:
-        logits = model.forward_cached(ids.to(device), torch.arange(T0, device=device), key_valid=key_valid)[:, -1]
+
+    def fused_step(step_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The compiled step on step_ids at positions: the last logits, and the next tokens when
+        every live row draws a code (else None, and no uniforms are drawn)."""
+        codes_next = all(d or 0 <= p < n_img for d, p in zip(done, image_pos))
+        logits, codes = model.step(step_ids.to(device), positions.to(device), key_valid, L.draw_image_code,
+                                   (L.uniforms(B, generator) if codes_next else no_uniforms,) + draw_args)
+        return logits[:, -1], codes.cpu() if codes_next else None
+
+    # the prefill: compiled, through the step (eager, it was an eighth of a 16-row image's time)
+    logits, drawn_codes = fused_step(ids, torch.arange(T0)) if fused else \
+        (model.forward_cached(ids.to(device), torch.arange(T0, device=device), key_valid=key_valid)[:, -1], None)
     for t in range(max_new_tokens):
         room_for_image = max_new_tokens - t >= n_img + 2
         state = [(_TEXT if room_for_image else _TEXT_NO_ROOM) if p < 0 else _DRAWING if p < n_img else _CLOSING
@@ -186,10 +188,7 @@ def generate_ids(model: Transformer, tokenizer: MultimodalTokenizer, prompts: Se
         step_ids = torch.tensor(drawn + drawn if guided else drawn)  # the guidance stream follows the draws
         pos = torch.tensor([T0 + t], device=device)
         if fused:
-            codes_next = all(d or 0 <= p < n_img for d, p in zip(done, image_pos))
-            logits, drawn_codes = model.step(step_ids[:, None].to(device), pos, key_valid, L.draw_image_code,
-                                             (L.uniforms(B, generator) if codes_next else no_uniforms,) + draw_args)
-            logits, drawn_codes = logits[:, -1], drawn_codes.cpu() if codes_next else None
+            logits, drawn_codes = fused_step(step_ids[:, None], pos)
         else:
             logits = model.step(step_ids[:, None].to(device), pos, key_valid)[:, -1]
     model.clear_caches()
