@@ -104,3 +104,17 @@ def test_negative_augment_copies_and_unknown_split_are_refused():
 def test_other_sizes_are_supported():
     d = digits_documents("eval", size=64)[0]
     assert d.images[0].size == (64, 64)
+
+
+def test_the_retriever_trains_on_the_originals_and_the_first_copies_only():
+    from tokenizers_mm.document import Document
+    from train.tokenize import retriever_documents
+
+    aug = digits_documents("train", augment_copies=3)
+    other = [Document(["a red circle"], source="shapes")]
+    kept = retriever_documents({"shapes": other, "digits": aug}, digit_copies=1)
+    assert kept[0] is other[0]  # other sources whole, in shard order
+    assert [d.images[0].tobytes() for d in kept[1:]] == \
+        [d.images[0].tobytes() for d in digits_documents("train", augment_copies=1)]
+    assert retriever_documents({"digits": aug}, digit_copies=5) == aug  # more than there are: all
+    assert [d.meta["augmented"] for d in retriever_documents({"digits": aug}, digit_copies=0)] == [False] * 1437

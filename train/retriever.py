@@ -503,7 +503,7 @@ class RetrieverRunConfig:
     loss: str = "clip"  # "clip" or "siglip"
     shapes_train: int = 20_000  # as in `make tokenize` (the retriever sees the same training split)
     shapes_eval: int = 1_000
-    digits_augment_copies: int = 4
+    digits_augment_copies: int = 4  # as the retriever trains in `make tokenize` (TokenizeConfig.retriever_digit_copies)
     steps: int | None = None  # None: RETRIEVER_TRAIN_SETTINGS[preset]
     batch_size: int | None = None
     lr: float | None = None
