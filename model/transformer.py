@@ -101,14 +101,19 @@ class _MaskedAttention(torch.autograd.Function):
 
     Causal blocks: the queries are cut into `blocks` blocks and block i reads only the keys up to
     its own end, so the T×T scores above the diagonal blocks (all masked: the mask must be causal,
-    as the packing and causal masks are) are never computed, exponentiated or stored: 4 blocks touch
-    10/16 of the square. Rows of 512 or more take blocks of 128 queries (`query_blocks`); shorter rows
-    the whole square. Measured on the AMX Xeon, 2 threads, bf16, compiled, interleaved (2026-12-07):
-    a training step on 16 × 512 packed rows 998 → 788 ms with 4 blocks in bench/bench_train.py (5
-    rounds), 867 → 792 ms in a second run; but `make train` only from a median 9,531 and 9,570 to
-    9,618 and 9,798 tokens/s (four runs one after the other, +2%). At T=1024 one layer's forward + backward took 223 ms with 4 blocks, 215
-    with 8. But a step on 16 × 256 rows took 329 ms with the whole square against 357 and 352 with 2
-    and 4 blocks, so shorter rows keep it. (One layer alone swings more between runs than whole steps.)
+    as the packing and causal masks are) are never computed, exponentiated or stored: 2 blocks touch
+    3/4 of the square, 4 blocks 10/16. Rows of 512 or more take blocks of 256 queries (`query_blocks`);
+    shorter rows the whole square. Measured on the AMX Xeon, 2 threads, bf16, compiled (2026-12-07):
+    a training step on 16 × 512 packed rows took 998 → 788 ms with 4 blocks of 128 in
+    bench/bench_train.py (5 rounds), but `make train` gained only 2% (9,531-9,570 → 9,618-9,798
+    tokens/s). Then (2026-12-07, 8 interleaved rounds in one process, twice) 1 / 2 / 4 blocks took
+    881 / 822 / 848 and 836 / 769 / 793 ms a step, and the first step on a cold Inductor cache
+    (compilation) 43.8 / 52.6 / 99.8 s: four blocks' backward fuses the four slices' key and value
+    gradients with the RoPE and QK-norm backward into one ~4,000-line kernel. So 2 blocks of 256:
+    ~50 s less to compile on a fresh machine and ~3% faster steps. At T=1024 one layer's forward +
+    backward took 223 ms with 4 blocks, 215 with 8. A step on 16 × 256 rows took 329 ms with the
+    whole square against 357 and 352 with 2 and 4 blocks, so shorter rows keep it. (One layer alone
+    swings more between runs than whole steps.)
     """
 
     @staticmethod
@@ -150,7 +155,7 @@ class _MaskedAttention(torch.autograd.Function):
 
 
 ATTENTION_BLOCKS_FROM = 512  # rows this long or longer take causal query blocks (see _MaskedAttention)
-ATTENTION_QUERY_BLOCK = 128  # queries per block
+ATTENTION_QUERY_BLOCK = 256  # queries per block (2 blocks at T=512: see _MaskedAttention)
 
 
 def query_blocks(T: int) -> int:
