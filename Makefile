@@ -29,11 +29,11 @@ export PYTHONUNBUFFERED := 1
 
 env: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -d $(VENV) || $(PYTHON_SYS) -m venv $(VENV)
 	@echo "installing into $(VENV) ($(TORCH_SPEC) first, then the project) ..."
 	@$(PY) -m pip install $(PIP_FLAGS) "$(TORCH_SPEC)" 2>&1 | grep -v "^WARNING: Location" || true
-	@$(PY) -m pip install $(PIP_FLAGS) -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
+	@$(PY) -m pip install $(PIP_FLAGS) -c constraints.txt -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
 	@$(PY) -c "import torch, vector_quantize_pytorch, tokenizers, torchdata, safetensors" \
 		|| { echo "environment install failed: see the pip output above"; exit 1; }
 	@touch $(STAMP)
