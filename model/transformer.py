@@ -87,6 +87,26 @@ def packing_mask(doc_ids: Tensor) -> Tensor:
     return (same_doc & causal)[:, None]
 
 
+@torch.library.custom_op("fusion_mm::packing_bias", mutates_args=(), schema="(Tensor doc_ids, ScalarType dtype) -> Tensor")
+def packing_bias(doc_ids: Tensor, dtype: torch.dtype) -> Tensor:
+    """`packing_mask` as an additive mask: (B, 1, T, T) of dtype, 0 where a query may attend, −inf elsewhere.
+
+    An opaque op, so that a compiled forward builds it once and every layer reads it: Inductor
+    otherwise recomputes the mask from doc_ids inside each layer's attention kernels. Scaling and
+    masking 16 × 4 × 256 × 512 bf16 scores took 4.8 ms from int64 doc_ids, 4.4 from a boolean
+    mask, 1.1 with this (AMX Xeon, compiled, 2026-12-07); a compiled training step on 16 × 512
+    packed rows 882 → 835 ms (medians of 10 interleaved rounds).
+    """
+    return torch.zeros((*doc_ids.shape, doc_ids.shape[1]), dtype=dtype, device=doc_ids.device).masked_fill_(
+        ~packing_mask(doc_ids)[:, 0], float("-inf")).unsqueeze(1)
+
+
+@packing_bias.register_fake
+def _(doc_ids: Tensor, dtype: torch.dtype) -> Tensor:
+    B, T = doc_ids.shape
+    return doc_ids.new_empty((B, 1, T, T), dtype=dtype)
+
+
 @torch.library.custom_op("fusion_mm::softmax", mutates_args=(), schema="(Tensor scores) -> Tensor")
 def opaque_softmax(scores: Tensor) -> Tensor:
     """softmax over the last dim in scores' dtype by ATen's CPU kernel (float32 inside, one pass
@@ -145,7 +165,10 @@ class _MaskedAttention(torch.autograd.Function):
         for lo, hi in zip(bounds[:-1], bounds[1:]):  # queries [lo, hi) see keys [0, hi)
             scores = torch.matmul(q[..., lo:hi, :], k[..., :hi, :].transpose(-1, -2))
             # scaled and masked in one fused pass; the softmax in ATen's kernel (see opaque_softmax)
-            p = opaque_softmax(torch.where(mask[..., lo:hi, :hi], scores * scale, float("-inf")).to(q.dtype))
+            if mask.dtype == torch.bool:
+                p = opaque_softmax(torch.where(mask[..., lo:hi, :hi], scores * scale, float("-inf")).to(q.dtype))
+            else:
+                p = opaque_softmax((scores * scale + mask[..., lo:hi, :hi]).to(q.dtype))
             probs.append(p)
             outs.append(torch.matmul(p, v[..., :hi, :]))
         out = torch.cat(outs, dim=-2)
@@ -214,8 +237,8 @@ def one_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor
 
 
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, blocks: int | None = None) -> Tensor:
-    """q, k, v (B, H, T, hd), mask (B or 1, 1, T, T) bool, True = may attend, causal (no query
-    attends a later key) -> (B, H, T, hd).
+    """q, k, v (B, H, T, hd), mask (B or 1, 1, T, T) bool, True = may attend, or additive in the
+    inputs' dtype (0 or −inf, `packing_bias`), causal (no query attends a later key) -> (B, H, T, hd).
 
     Equals `F.scaled_dot_product_attention(q, k, v, attn_mask=mask)` up to rounding (tests), for
     rows where every query sees at least one key. Under autocast the inputs are cast to its dtype,
@@ -596,7 +619,11 @@ class Transformer(nn.Module):
         if doc_ids is not None:
             if doc_ids.shape != idx.shape:
                 raise ValueError(f"doc_ids {tuple(doc_ids.shape)} must have the shape of idx {tuple(idx.shape)}")
-            mask = packing_mask(doc_ids)
+            if idx.device.type == "cpu" and torch.is_grad_enabled():  # CPU training: masked_attention
+                cpu = torch.is_autocast_enabled("cpu")
+                mask = packing_bias(doc_ids, torch.get_autocast_dtype("cpu") if cpu else self.tok_emb.weight.dtype)
+            else:
+                mask = packing_mask(doc_ids)
         cos, sin = self._rope(positions)
         x = self._embed(idx, image_positions(idx, self.config.image_pos_emb))  # (B, T, dim)
         for layer in self.layers:

@@ -14,7 +14,7 @@ from model import (
     positions_from_doc_ids,
     preset,
 )
-from model.transformer import masked_attention, one_query_attention, packing_mask
+from model.transformer import masked_attention, one_query_attention, packing_bias, packing_mask
 from model.config import PRESET_PARAMS_AT_65536
 
 VOCAB = 300
@@ -381,6 +381,23 @@ def test_masked_attention_matches_sdpa_values_and_gradients(compiled, T, blocks)
     ref = torch.autograd.grad(ref, (q, k, v), grad) + (ref,)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b.to(a.dtype), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_masked_attention_reads_the_additive_packing_bias_as_the_boolean_mask(compiled):
+    torch.manual_seed(0)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 8 + [2] * 3, [0] * 16])
+    bias = packing_bias(doc_ids, torch.float32)
+    assert bias.shape == (2, 1, 16, 16) and bias.dtype == torch.float32
+    assert torch.equal(bias == 0, packing_mask(doc_ids)) and bool((bias[bias != 0] == float("-inf")).all())
+    fn = torch.compile(masked_attention) if compiled else masked_attention
+    outs = []
+    for mask in (packing_mask(doc_ids), bias):
+        q, k, v = (torch.randn(2, 3, 16, 8, generator=torch.Generator().manual_seed(i), requires_grad=True) for i in range(3))
+        out = fn(q, k, v, mask, 2)
+        outs.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v))))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
 
 
 def test_masked_attention_under_autocast_computes_in_bf16_like_sdpa():
