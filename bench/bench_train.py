@@ -84,7 +84,11 @@ def ours(config: ModelConfig, idx: torch.Tensor, targets: torch.Tensor, *, bf16:
     return step
 
 
-def hf_llama(config: ModelConfig, idx: torch.Tensor, *, attn: str, bf16: bool, compile: bool) -> Callable[[], float]:
+def hf_llama(config: ModelConfig, idx: torch.Tensor, *, attn: str, bf16: bool, compile: bool,
+             doc_ids: torch.Tensor | None = None) -> Callable[[], float]:
+    """transformers' LlamaForCausalLM training step; doc_ids: packed rows, given to it as
+    position_ids restarting per document, from which transformers builds the block-diagonal
+    causal mask itself (`masking_utils.find_packed_sequence_indices`, its packed-training path)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hf_config = LlamaConfig(
@@ -96,11 +100,12 @@ def hf_llama(config: ModelConfig, idx: torch.Tensor, *, attn: str, bf16: bool, c
     model = LlamaForCausalLM._from_config(hf_config, attn_implementation=attn).train()
     opt = make_optimizer(model)
     forward = torch.compile(model) if compile else model
+    extra = {} if doc_ids is None else {"position_ids": positions_from_doc_ids(doc_ids)}
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = forward(input_ids=idx, labels=idx).loss  # labels are shifted inside
+            loss = forward(input_ids=idx, labels=idx, **extra).loss  # labels are shifted inside
         loss.backward()
         opt.step()
         return loss.item()
@@ -232,7 +237,8 @@ def main() -> None:
         variants.append(Variant(f"ours {prec} compile", ours(config, idx, targets, bf16=bf16, compile=True), warmup=2))
     if bf16:  # the float32 reference
         variants.append(Variant("ours fp32 eager", ours(config, idx, targets, bf16=False, compile=False)))
-    if args.packed_seq and not args.no_compile:
+    packed = bool(args.packed_seq and not args.no_compile)
+    if packed:
         # the trainer's own shape: rows of packed documents (~80 tokens, as a caption and its 64
         # codes), compiled, our hand-written masked attention against SDPA with a boolean mask
         pg = torch.Generator().manual_seed(1)
@@ -257,6 +263,10 @@ def main() -> None:
         if not args.no_compile:
             variants.append(Variant(f"HF Llama {prec} sdpa compile",
                                     hf_llama(config, idx, attn="sdpa", bf16=bf16, compile=True), warmup=2))
+        if packed:  # the same packed rows through transformers' own packed-sequence path
+            variants.append(Variant(f"HF Llama {prec} sdpa compile, packed rows of {args.packed_seq}, position_ids",
+                                    hf_llama(config, p_idx, attn="sdpa", bf16=bf16, compile=True, doc_ids=p_docs),
+                                    warmup=2, tokens=args.batch * args.packed_seq))
 
     print(f"preset {args.preset}: dim {config.dim}, n_layer {config.n_layer}, n_head {config.n_head}, "
           f"ffn {config.ffn_hidden}, vocab {args.vocab}, {num_params(config) / 1e6:.2f} M params; "
@@ -310,6 +320,14 @@ def main() -> None:
     speedup = ours_best["tokens_per_s"] / hf_best["tokens_per_s"] if hf_best else None
     if speedup is not None:
         print(f"speed-up over HF's best ({hf_best['name']}): {speedup:.2f}x (target >= 1.5x)")
+    # the trainer's own work: packed rows, each side's best way to keep attention inside documents
+    packed_ok = [r for r in rows if "error" not in r and not r["shared_shape"]]
+    ours_packed = max((r for r in packed_ok if r["name"].startswith("ours")), key=lambda r: r["tokens_per_s"], default=None)
+    hf_packed = next((r for r in packed_ok if r["name"].startswith("HF")), None)
+    speedup_packed = ours_packed["tokens_per_s"] / hf_packed["tokens_per_s"] if ours_packed and hf_packed else None
+    if speedup_packed is not None:
+        print(f"packed rows of {args.packed_seq} (the trainer's): {ours_packed['name']} against {hf_packed['name']}: "
+              f"{speedup_packed:.2f}x")
 
     result = {
         "shapes": {"preset": args.preset, "dim": config.dim, "n_layer": config.n_layer, "n_head": config.n_head,
@@ -326,6 +344,9 @@ def main() -> None:
         "ours_share_of_matmul_rate": mfu,
         "hf_best": hf_best["name"] if hf_best else None,
         "speedup_vs_hf_best": speedup,
+        "ours_packed_best": ours_packed["name"] if ours_packed else None,
+        "hf_packed": hf_packed["name"] if hf_packed else None,
+        "speedup_packed_vs_hf": speedup_packed,
     }
     merge_results("train", result, args.out)
 
