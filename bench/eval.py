@@ -59,6 +59,9 @@ CALIBRATION_PER_DIGIT = 10  # labelled training digits per class for the directi
 ROBUST_VIEWS = 5  # fewer views under corruption: 8 corruptions × views would cost most of the eval
 DIGIT_TEMPLATES = ["a handwritten digit {}", "the digit {}, written by hand", "a scan of a handwritten {}",
                    "a handwritten {}"]
+# an independent check (issue 6): phrasings that no training caption uses (train.data.digits.digit_captions)
+UNSEEN_DIGIT_TEMPLATES = ["a drawing of the number {}", "someone wrote {} with a pen", "an image showing {}",
+                          "the numeral {}"]
 
 
 @contextmanager
@@ -306,6 +309,13 @@ def classify_digits(mm: MultimodalModel, quick: bool, retriever_dir: Path | None
     res["image_one_template"] = {"accuracy": float((one.posterior.argmax(-1) == y).double().mean())}
     dim = classify(mm.model, mm.tokenizer, images, WORDS, DIGIT_TEMPLATES, mode="image", brightness=BRIGHTNESS, **as_trained(mm))
     res["image_brightness"] = read(dim.posterior) | {"levels": list(BRIGHTNESS)}
+    seen = {caption for k in range(10) for caption in digits_data.digit_captions(k)}
+    if any(t.format(w) in seen for t in UNSEEN_DIGIT_TEMPLATES for w in WORDS):
+        raise ValueError("UNSEEN_DIGIT_TEMPLATES must not produce a training caption (train.data.digits.digit_captions)")
+    unseen = classify(mm.model, mm.tokenizer, images, WORDS, UNSEEN_DIGIT_TEMPLATES, mode="both", **as_trained(mm))
+    for mode, ll in (("image", unseen.image_loglik), ("text", unseen.text_loglik), ("both", unseen.loglik)):
+        res[mode + "_unseen_templates"] = read(posterior(ll))
+    res["unseen_templates"] = UNSEEN_DIGIT_TEMPLATES
     res["seconds"] = round(time.time() - t, 1)
     res["image_orders"] = trained_orders(mm.model, mm.tokenizer)  # p(x|c) averaged over them (classify's default)
     train = digits_data.digits_documents("train")
@@ -315,8 +325,8 @@ def classify_digits(mm: MultimodalModel, quick: bool, retriever_dir: Path | None
     res["naive_bayes_codes"] = {"accuracy": float(np.mean(np.array(nb(images)) == y.numpy()))}
     clip = clip_baseline(retriever_dir, mm)
     if clip is not None:
-        probs = clip(images, WORDS, DIGIT_TEMPLATES)
-        res["clip_retriever"] = {"accuracy": float((probs.argmax(-1) == y).double().mean())}
+        for key, templates in (("clip_retriever", DIGIT_TEMPLATES), ("clip_retriever_unseen_templates", UNSEEN_DIGIT_TEMPLATES)):
+            res[key] = {"accuracy": float((clip(images, WORDS, templates).argmax(-1) == y).double().mean())}
     return res
 
 

@@ -113,7 +113,9 @@ def main() -> None:
                     "`both_calibrated`: the directions weighted (image, text) as fitted on labelled training digits."
                     + (" The model was trained with retrieval, so every scorer reads each caption and image behind "
                        "its retrieved documents (`classify(bank=...)`, the CLI's default); `*_no_retrieval` rows read none."
-                       if d.get("retrieval") else ""), "",
+                       if d.get("retrieval") else "")
+                    + (f" `*_unseen_templates` rows read templates no training caption uses: {', '.join(repr(t) for t in d['unseen_templates'])}."
+                       if d.get("unseen_templates") else ""), "",
                     table(["scorer", "accuracy", "ECE", "weights"], rows), ""]
             if "shapes" in cl:
                 out += ["### Zero-shot classification, shapes eval singles", "",
