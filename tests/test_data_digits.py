@@ -6,7 +6,8 @@ import pytest
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from train.data.digits import DIGIT_WORDS, digit_captions, digit_image, digit_split_indices, digits_documents
+from train.data.digits import (CORE_PHRASING_SHARE, CORE_PHRASINGS, DIGIT_WORDS, DISTRACTOR_SHARE, check_unseen_templates, digit_captions,
+                               digit_image, digit_split_indices, digits_documents)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,6 @@ def test_documents_are_caption_then_white_on_black_rgb_image(train_docs):
 def test_every_caption_names_its_digit_in_words_or_numerals(train_docs, eval_docs):
     for d in train_docs + eval_docs:
         label = d.meta["label"]
-        assert d.texts[0] in digit_captions(label)
         words = set(d.texts[0].replace(",", "").split())
         assert DIGIT_WORDS[label] in words or str(label) in words
         assert not ({str(k) for k in range(10) if k != label} | set(DIGIT_WORDS) - {DIGIT_WORDS[label]}) & words
@@ -65,8 +65,29 @@ def test_caption_templates_include_the_data_examples():
     caps = digit_captions(7)
     assert len(caps) >= 4 and "a handwritten digit seven" in caps and "the number 7 written by hand" in caps
     assert "a handwritten 7" in caps
+    assert len(set(caps)) == len(caps) and all(c == c.strip() and "  " not in c and " ," not in c for c in caps)
     with pytest.raises(ValueError):
         digit_captions(10)
+
+
+def test_about_half_the_captions_are_core_phrasings_the_rest_composed(train_docs):
+    core = {c.format(w=w, n=n) for c in CORE_PHRASINGS for w, n in zip(DIGIT_WORDS, map(str, range(10)))}
+    share = np.mean([d.texts[0] in core for d in train_docs])
+    assert abs(share - CORE_PHRASING_SHARE) < 0.05
+    composed = [d.texts[0] for d in train_docs if d.texts[0] not in core]
+    assert len(set(composed)) > 500  # the composed ones vary
+    listed = {c for k in range(10) for c in digit_captions(k)}
+    made_up = np.mean([c not in listed for c in composed])  # a made-up word before the label
+    assert abs(made_up - DISTRACTOR_SHARE) < 0.05
+
+
+def test_held_out_templates_share_no_word_with_training_captions(monkeypatch):
+    check_unseen_templates()
+    import train.data.digits as digits
+
+    monkeypatch.setattr(digits, "SUFFIXES", digits.SUFFIXES + ("with a pen",))
+    with pytest.raises(ValueError, match="pen"):
+        check_unseen_templates()
 
 
 def test_eval_images_are_never_augmented(eval_docs):

@@ -7,6 +7,7 @@ The eval split is never augmented and never trained on.
 from __future__ import annotations
 
 import random
+import string
 from functools import lru_cache
 
 import numpy as np
@@ -20,19 +21,88 @@ SPLIT_SEED = 0  # DATA.md fixes the split: stratified 80/20 with seed 0
 TEST_SIZE = 0.2
 
 
+# The six phrasings of DATA.md's digits corpus; a caption is one of them with probability
+# CORE_PHRASING_SHARE, else a free composition prefix + label + suffix (`digit_phrasings`).
+CORE_PHRASINGS: tuple[str, ...] = (
+    "a handwritten digit {w}", "the number {n} written by hand", "a handwritten {n}",
+    "the digit {w}, written by hand", "a scan of a handwritten {w}", "a white {n} on a black background",
+)
+# Composed phrasings teach the model that the label word, wherever it stands, is what a caption says
+# about the image. With the six phrasings alone it named a digit only after them: templates it never
+# saw ("the numeral {}", "someone wrote {} with a pen", ...) read p(x|c) 25.8% / p(caption|x) 25.0% on
+# the test digits against 58-63 / 91-94% with trained ones (2026-12-07). None of these words is one
+# of bench/eval.py's UNSEEN_DIGIT_TEMPLATES' own, so that check stays independent (a test checks it).
+PREFIXES: tuple[str, ...] = (
+    "", "a", "the", "a handwritten digit", "the number", "a handwritten", "the digit", "a scan of a handwritten",
+    "a white", "a photo of the digit", "a picture of a handwritten", "this is a", "here is the number",
+    "a hand-written", "digit:", "number", "a scanned digit", "the figure", "a sloppy", "a neat handwritten",
+    "it is a", "what you see is a", "an old scan of the number", "the handwritten number", "this digit is a",
+    "a grey scan of a", "a messy", "the symbol for", "a quickly written", "a tiny", "a photo of a",
+    "a picture of the number", "a blurry", "a low resolution scan of a", "a black and white", "look, a",
+    "the character", "a faint", "a bold", "a large", "a small", "the written",
+)
+SUFFIXES: tuple[str, ...] = (
+    "", "written by hand", "on a black background", ", written by hand", "in white", "from a scanner",
+    "in a small square", "on dark paper", "by a person", "in a box", "at low resolution", "from a postal form",
+)
+CORE_PHRASING_SHARE = 0.5
+# Words the model never saw right before the label left it guessing the digit from the image (an
+# unseen template's p(caption|x) fell to chance); a made-up word there teaches it to read past one.
+DISTRACTOR_SHARE = 0.3
+# Templates held out of training for an independent check of zero-shot classification (issue 6;
+# bench/eval.py): no training caption uses any of their words other than SHARED_WORDS.
+UNSEEN_TEMPLATES: tuple[str, ...] = ("a drawing of the number {}", "someone wrote {} with a pen", "an image showing {}",
+                                     "the numeral {}")
+SHARED_WORDS = frozenset({"a", "an", "the", "of", "number", "{}"})
+
+
+def check_unseen_templates() -> None:
+    """Raise if a training caption of a digit uses a word of UNSEEN_TEMPLATES (beyond SHARED_WORDS)."""
+    held_out = {w for t in UNSEEN_TEMPLATES for w in t.split()} - SHARED_WORDS
+    used = {w.strip(",:") for label in range(10) for c in digit_captions(label) for w in c.split()}
+    if held_out & used:
+        raise ValueError(f"training captions use the held-out words {sorted(held_out & used)} of UNSEEN_TEMPLATES")
+
+
+def digit_phrasings(label: int) -> list[str]:
+    """The composed phrasings of a digit: every prefix + label (word or numeral) + suffix."""
+    w, n = _label_forms(label)
+    return [" ".join(p for p in (prefix, form, suffix) if p).replace(" ,", ",")
+            for prefix in PREFIXES for form in (w, n) for suffix in SUFFIXES]
+
+
 def digit_captions(label: int) -> list[str]:
-    """Every caption phrasing of a digit, naming it in words or numerals (6 variants)."""
+    """Every caption phrasing of a digit, naming it in words or numerals: the six core ones first,
+    then the composed ones (`digit_phrasings`)."""
+    w, n = _label_forms(label)
+    core = [c.format(w=w, n=n) for c in CORE_PHRASINGS]
+    return core + [c for c in digit_phrasings(label) if c not in core]
+
+
+def digit_caption(label: int, rng: random.Random) -> str:
+    """One caption for a digit: a core phrasing with probability CORE_PHRASING_SHARE, else a composed
+    one, which with probability DISTRACTOR_SHARE carries a made-up word right before the label."""
+    w, n = _label_forms(label)
+    if rng.random() < CORE_PHRASING_SHARE:
+        return rng.choice(CORE_PHRASINGS).format(w=w, n=n)
+    prefix, form, suffix = rng.choice(PREFIXES), rng.choice((w, n)), rng.choice(SUFFIXES)
+    if rng.random() < DISTRACTOR_SHARE:
+        prefix = f"{prefix} {made_up_word(rng)}"
+    return " ".join(p for p in (prefix.strip(), form, suffix) if p).replace(" ,", ",")
+
+
+def made_up_word(rng: random.Random) -> str:
+    """4-8 random lowercase letters, never a digit's name nor a word of UNSEEN_TEMPLATES."""
+    reserved = set(DIGIT_WORDS) | {w for t in UNSEEN_TEMPLATES for w in t.split()}
+    while (word := "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(4, 8)))) in reserved:
+        pass
+    return word
+
+
+def _label_forms(label: int) -> tuple[str, str]:
     if not 0 <= label <= 9:
         raise ValueError(f"digit label must be in 0..9; found {label}")
-    w, n = DIGIT_WORDS[label], str(label)
-    return [
-        f"a handwritten digit {w}",
-        f"the number {n} written by hand",
-        f"a handwritten {n}",
-        f"the digit {w}, written by hand",
-        f"a scan of a handwritten {w}",
-        f"a white {n} on a black background",
-    ]
+    return DIGIT_WORDS[label], str(label)
 
 
 @lru_cache(maxsize=1)
@@ -122,7 +192,7 @@ def digits_documents(split: str, size: int = 32, augment_copies: int = 0, seed: 
             img = digit_image(images[i], size)
             if copy > 0:
                 img = augment_digit(img, rng)
-            caption = rng.choice(digit_captions(label))
+            caption = digit_caption(label, rng)
             meta = {"label": label, "index": i, "augmented": copy > 0, "split": split}
             docs.append(Document([caption, img], source="digits", meta=meta))
     return docs
