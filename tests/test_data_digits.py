@@ -139,3 +139,15 @@ def test_the_retriever_trains_on_the_originals_and_the_first_copies_only():
         [d.images[0].tobytes() for d in digits_documents("train", augment_copies=1)]
     assert retriever_documents({"digits": aug}, digit_copies=5) == aug  # more than there are: all
     assert [d.meta["augmented"] for d in retriever_documents({"digits": aug}, digit_copies=0)] == [False] * 1437
+
+
+def test_made_up_words_are_named_in_meta_and_left_out_of_the_bpe_texts(train_docs):
+    from train.tokenize import bpe_texts
+
+    made_up = [d for d in train_docs if "made_up_word" in d.meta]
+    assert made_up and all(d.meta["made_up_word"] in d.texts[0].split() for d in made_up)
+    texts = bpe_texts(made_up)
+    assert all(d.meta["made_up_word"] not in t.split() and len(t.split()) == len(d.texts[0].split()) - 1
+               for d, t in zip(made_up, texts))
+    plain = [d for d in train_docs if "made_up_word" not in d.meta][:50]
+    assert bpe_texts(plain) == [d.texts[0] for d in plain]

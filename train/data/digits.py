@@ -79,16 +79,16 @@ def digit_captions(label: int) -> list[str]:
     return core + [c for c in digit_phrasings(label) if c not in core]
 
 
-def digit_caption(label: int, rng: random.Random) -> str:
-    """One caption for a digit: a core phrasing with probability CORE_PHRASING_SHARE, else a composed
-    one, which with probability DISTRACTOR_SHARE carries a made-up word right before the label."""
+def digit_caption(label: int, rng: random.Random) -> tuple[str, str | None]:
+    """One caption for a digit and its made-up word (or None): a core phrasing with probability
+    CORE_PHRASING_SHARE, else a composed one, which with probability DISTRACTOR_SHARE carries a
+    made-up word right before the label."""
     w, n = _label_forms(label)
     if rng.random() < CORE_PHRASING_SHARE:
-        return rng.choice(CORE_PHRASINGS).format(w=w, n=n)
+        return rng.choice(CORE_PHRASINGS).format(w=w, n=n), None
     prefix, form, suffix = rng.choice(PREFIXES), rng.choice((w, n)), rng.choice(SUFFIXES)
-    if rng.random() < DISTRACTOR_SHARE:
-        prefix = f"{prefix} {made_up_word(rng)}"
-    return " ".join(p for p in (prefix.strip(), form, suffix) if p).replace(" ,", ",")
+    made_up = made_up_word(rng) if rng.random() < DISTRACTOR_SHARE else None
+    return " ".join(p for p in (prefix, made_up, form, suffix) if p).replace(" ,", ","), made_up
 
 
 def made_up_word(rng: random.Random) -> str:
@@ -192,7 +192,9 @@ def digits_documents(split: str, size: int = 32, augment_copies: int = 0, seed: 
             img = digit_image(images[i], size)
             if copy > 0:
                 img = augment_digit(img, rng)
-            caption = digit_caption(label, rng)
+            caption, made_up = digit_caption(label, rng)
             meta = {"label": label, "index": i, "augmented": copy > 0, "split": split}
+            if made_up:
+                meta["made_up_word"] = made_up  # left out of the BPE's training (train.tokenize.bpe_texts)
             docs.append(Document([caption, img], source="digits", meta=meta))
     return docs
